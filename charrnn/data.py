@@ -1,0 +1,244 @@
+"""Vocabulary, corpus encoding, train/validation split and char-rnn batching."""
+import codecs
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CharrnnError
+
+_CHUNK = 1 << 24  # bytes read at a time: bounds the temporary copies of a chunk
+
+
+def _id_dtype(size):
+    """Smallest unsigned/int dtype that holds ids 0..size-1."""
+    if size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if size <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+class Vocab:
+    """The symbols a model reads and writes, in a stable sorted order.
+
+    ``Vocab("abc")`` is a character vocabulary; ``Vocab(b"abc", mode="bytes")``
+    a byte vocabulary (for any file, whatever its encoding). ``Vocab.from_files``
+    builds one from a corpus. Ids are positions in the sorted symbol list.
+    """
+
+    def __init__(self, symbols, mode="chars"):
+        if mode not in ("chars", "bytes"):
+            raise CharrnnError(f"vocabulary mode must be 'chars' or 'bytes', not {mode!r}")
+        self.mode = mode
+        if mode == "chars":
+            codes = sorted({ord(c) for c in symbols})
+        else:
+            codes = sorted(set(bytes(symbols)))
+        if not codes:
+            raise CharrnnError("a vocabulary needs at least one symbol")
+        self.codes = np.array(codes, dtype=np.int64)  # code points or byte values
+        self.dtype = _id_dtype(len(codes))
+        self._lut = np.full(int(self.codes[-1]) + 1, -1, dtype=np.int64)
+        self._lut[self.codes] = np.arange(len(codes))
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __eq__(self, other):
+        return (isinstance(other, Vocab) and self.mode == other.mode
+                and np.array_equal(self.codes, other.codes))
+
+    def __repr__(self):
+        return f"Vocab({len(self)} {self.mode}: {self.preview()!r})"
+
+    @property
+    def symbols(self):
+        """The symbols in id order: a str (chars) or bytes (bytes mode)."""
+        if self.mode == "chars":
+            return "".join(map(chr, self.codes))
+        return bytes(self.codes.astype(np.uint8))
+
+    def preview(self, n=40):
+        s = self.symbols[:n]
+        return s if isinstance(s, str) else s.decode("latin-1")
+
+    # ------------------------------------------------------------ encoding
+    def _lookup(self, codes, skip_unknown=False):
+        lut = self._lut
+        if codes.size and codes.max() >= len(lut):
+            known = codes < len(lut)
+            ids = np.full(codes.shape, -1, dtype=np.int64)
+            ids[known] = lut[codes[known]]
+        else:
+            ids = lut[codes]
+        unknown = ids < 0
+        if unknown.any():
+            if not skip_unknown:
+                raise CharrnnError("symbols outside the vocabulary: "
+                                   + self._describe(np.unique(codes[unknown])))
+            ids = ids[~unknown]
+        return ids.astype(self.dtype)
+
+    def _describe(self, codes, most=10):
+        if self.mode == "chars":
+            shown = [repr(chr(c)) for c in codes[:most]]
+        else:
+            shown = [f"0x{int(c):02x}" for c in codes[:most]]
+        more = f" and {len(codes) - most} more" if len(codes) > most else ""
+        return ", ".join(shown) + more
+
+    def encode(self, text, skip_unknown=False):
+        """Ids of ``text`` (str in chars mode, bytes in bytes mode).
+
+        Unknown symbols raise CharrnnError naming them, or are dropped with
+        ``skip_unknown=True``.
+        """
+        if self.mode == "chars" and not isinstance(text, str):
+            raise CharrnnError("a character vocabulary encodes str, not bytes")
+        if self.mode == "bytes" and isinstance(text, str):
+            text = text.encode("utf-8")
+        return self._lookup(_codes(text, self.mode), skip_unknown)
+
+    def decode(self, ids):
+        """The str (chars mode) or bytes (bytes mode) of a sequence of ids."""
+        codes = self.codes[np.asarray(ids, dtype=np.int64)]
+        if self.mode == "chars":
+            return codes.astype(np.uint32).tobytes().decode("utf-32-le")
+        return codes.astype(np.uint8).tobytes()
+
+    # ---------------------------------------------------- (de)serialisation
+    def to_dict(self):
+        """JSON-safe description (stored in checkpoints)."""
+        return {"mode": self.mode, "codes": [int(c) for c in self.codes]}
+
+    @classmethod
+    def from_dict(cls, d):
+        try:
+            mode, codes = d["mode"], d["codes"]
+            if mode == "chars":
+                return cls("".join(map(chr, codes)), mode)
+            return cls(bytes(codes), mode)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CharrnnError(f"malformed vocabulary: {e}") from None
+
+    @classmethod
+    def from_files(cls, paths, mode="chars"):
+        """The vocabulary of the concatenation of ``paths``."""
+        seen = np.zeros(256 if mode == "bytes" else 0x110000, dtype=bool)
+        for chunk in _read_chunks(paths, mode):
+            # a bincount beats np.unique's sort on big chunks
+            present = np.bincount(_codes(chunk, mode)) > 0
+            seen[:present.size] |= present
+        codes = np.flatnonzero(seen)
+        if codes.size == 0:
+            raise CharrnnError("the corpus is empty: " + ", ".join(map(str, paths)))
+        if mode == "chars":
+            return cls("".join(map(chr, codes)), mode)
+        return cls(bytes(codes.astype(np.uint8)), mode)
+
+
+def _codes(chunk, mode):
+    """Code points (chars) or byte values (bytes) of a str/bytes chunk."""
+    if mode == "bytes":
+        return np.frombuffer(chunk, dtype=np.uint8)
+    return np.frombuffer(chunk.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _read_chunks(paths, mode):
+    """Yield the concatenated corpus as str (chars) or bytes chunks, reading
+    _CHUNK bytes at a time; an incremental decoder keeps multi-byte
+    characters whole across chunk borders."""
+    for path in paths:
+        path = Path(path)
+        decoder = codecs.getincrementaldecoder("utf-8")() if mode == "chars" else None
+        try:
+            with open(path, "rb") as f:
+                offset = 0
+                while True:
+                    raw = f.read(_CHUNK)
+                    final = not raw
+                    try:
+                        chunk = decoder.decode(raw, final) if decoder else raw
+                    except UnicodeDecodeError as e:
+                        raise CharrnnError(
+                            f"{path} is not valid UTF-8 text (byte {offset + e.start}); "
+                            "use --bytes to train on raw bytes") from None
+                    if chunk:
+                        yield chunk
+                    if final:
+                        break
+                    offset += len(raw)
+        except OSError as e:
+            raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _count_symbols(paths, mode):
+    """Number of symbols in the corpus without decoding it: in UTF-8 every
+    byte but the continuation bytes (0b10xxxxxx) starts a character."""
+    total = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while raw := f.read(_CHUNK):
+                    b = np.frombuffer(raw, dtype=np.uint8)
+                    total += b.size if mode == "bytes" else int(np.count_nonzero((b & 0xC0) != 0x80))
+        except OSError as e:
+            raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
+    return total
+
+
+def encode_files(paths, vocab):
+    """Ids of the concatenation of ``paths`` under ``vocab``, as one array.
+
+    Reads in chunks and writes straight into a preallocated array of the
+    vocabulary's id dtype: the only full-size copy of the corpus in memory.
+    """
+    n = _count_symbols(paths, vocab.mode)
+    ids = np.empty(n, dtype=vocab.dtype)
+    pos = 0
+    for chunk in _read_chunks(paths, vocab.mode):
+        part = vocab._lookup(_codes(chunk, vocab.mode))
+        ids[pos:pos + part.size] = part
+        pos += part.size
+    if pos != n:  # the file changed while we read it
+        raise CharrnnError("the corpus changed while it was being read")
+    return ids
+
+
+def split(ids, val_frac):
+    """(train, val): validation is the tail ``val_frac`` share, by position."""
+    if not 0.0 <= val_frac < 1.0:
+        raise CharrnnError(f"--val-frac must be in [0, 1), not {val_frac}")
+    n_val = int(len(ids) * val_frac)
+    return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+class Windows:
+    """char-rnn batching: ``ids`` cut into B contiguous parallel streams, read
+    in windows of T characters; window k of stream b follows window k-1 of
+    the same stream, so the hidden state carries across windows.
+
+    ``windows[k] -> (x, y)``, each [B, T] views; y is x shifted by one.
+    """
+
+    def __init__(self, ids, batch, seq_len):
+        if batch < 1 or seq_len < 1:
+            raise CharrnnError(f"batch and sequence length must be >= 1, not {batch} and {seq_len}")
+        per_stream = (len(ids) - 1) // batch // seq_len * seq_len
+        if per_stream == 0:
+            raise CharrnnError(
+                f"{len(ids)} characters are too few for batch {batch} x seq-len {seq_len} "
+                f"(needs at least {batch * seq_len + 1})")
+        n = per_stream * batch
+        self.x = ids[:n].reshape(batch, per_stream)
+        self.y = ids[1:n + 1].reshape(batch, per_stream)
+        self.batch, self.seq_len = batch, seq_len
+
+    def __len__(self):
+        return self.x.shape[1] // self.seq_len
+
+    def __getitem__(self, k):
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        j = k * self.seq_len
+        return self.x[:, j:j + self.seq_len], self.y[:, j:j + self.seq_len]

@@ -1,0 +1,1 @@
+"""Numba kernels: pure functions on preallocated arrays (``cpu``)."""

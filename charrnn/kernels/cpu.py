@@ -1,0 +1,295 @@
+"""CPU kernels: pure Numba functions on preallocated arrays.
+
+Every array is time-major, ``[T, B, ...]``, so one time step is a contiguous
+``[B, ...]`` block and a whole window reshapes to ``[T*B, ...]`` for GEMMs.
+Gate blocks follow PyTorch: LSTM ``(i, f, g, o)``, GRU ``(r, z, n)``.
+
+All matrix products run inside Numba (SciPy's BLAS) so that one BLAS thread
+pool is in play. Kernels are generic over float32 / float64: the library runs
+float32, the gradient tests run the very same code in float64.
+
+Nothing here imports the rest of charrnn: Numba's cache does not notice edits
+to helpers in other modules, so a kernel and its helpers live together.
+"""
+import numpy as np
+from numba import njit
+
+# fastmath without nnan/ninf: those would delete the isfinite checks on losses.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
+
+LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+_ONE = np.float32(1.0)
+
+
+@njit(**_JIT)
+def _sigmoid(x):
+    return _ONE / (_ONE + np.exp(-x))
+
+
+# ---------------------------------------------------------------- input side
+
+@njit(**_JIT)
+def embedding_forward(out, table, ids, bias):
+    """out[n] = table[ids[n]] + bias.   out [N,D], table [V,D], ids [N], bias [D]
+
+    The embedding lookup, and also the one-hot input projection: with
+    ``table = weight_ih_l0.T`` a one-hot GEMM is just this row gather.
+    """
+    for n in range(ids.shape[0]):
+        row = table[ids[n]]
+        o = out[n]
+        for d in range(o.shape[0]):
+            o[d] = row[d] + bias[d]
+
+
+@njit(**_JIT)
+def embedding_backward(dtable, dbias, dout, ids):
+    """Scatter-add of embedding_forward's gradient (overwrites dtable, dbias)."""
+    dtable[:] = 0
+    dbias[:] = 0
+    for n in range(ids.shape[0]):
+        row = dtable[ids[n]]
+        g = dout[n]
+        for d in range(g.shape[0]):
+            row[d] += g[d]
+            dbias[d] += g[d]
+
+
+@njit(**_JIT)
+def linear_forward(out, x, w, b):
+    """out = x @ w.T + b.   out [N,O], x [N,I], w [O,I] (PyTorch layout), b [O]"""
+    np.dot(x, w.T, out)
+    for n in range(out.shape[0]):
+        o = out[n]
+        for k in range(o.shape[0]):
+            o[k] += b[k]
+
+
+@njit(**_JIT)
+def linear_backward(dx, dw, db, dout, x, w):
+    """Gradients of linear_forward, each overwritten: the weight gradient is
+    one GEMM over all N = T*B rows of the window."""
+    np.dot(dout, w, dx)
+    np.dot(dout.T, x, dw)
+    column_sum(db, dout)
+
+
+@njit(**_JIT)
+def column_sum(out, a):
+    """out[k] = sum_n a[n, k]  (bias gradients)."""
+    out[:] = 0
+    for n in range(a.shape[0]):
+        row = a[n]
+        for k in range(out.shape[0]):
+            out[k] += row[k]
+
+
+@njit(**_JIT)
+def apply_dropout(out, x, mask):
+    """out = x * mask. Inverted dropout: mask holds 0 or 1/(1-p), so the same
+    product is both the forward pass and its gradient."""
+    xf = x.reshape(-1)
+    mf = mask.reshape(-1)
+    of = out.reshape(-1)
+    for k in range(of.shape[0]):
+        of[k] = xf[k] * mf[k]
+
+
+# ------------------------------------------------------ cell equations (rows)
+# One row = one batch element at one time step. xp: input projection
+# (x W_ih^T + b_ih), gh: recurrent projection (h W_hh^T), both [G*H].
+
+@njit(**_JIT)
+def lstm_cell_forward(xp, gh, b_hh, c_prev, gates, c, h):
+    """i,f,o = sigmoid, g = tanh;  c = f*c_prev + i*g;  h = o*tanh(c)"""
+    H = c.shape[0]
+    for j in range(H):
+        i = _sigmoid(xp[j] + gh[j] + b_hh[j])
+        f = _sigmoid(xp[H + j] + gh[H + j] + b_hh[H + j])
+        g = np.tanh(xp[2 * H + j] + gh[2 * H + j] + b_hh[2 * H + j])
+        o = _sigmoid(xp[3 * H + j] + gh[3 * H + j] + b_hh[3 * H + j])
+        cj = f * c_prev[j] + i * g
+        gates[j] = i
+        gates[H + j] = f
+        gates[2 * H + j] = g
+        gates[3 * H + j] = o
+        c[j] = cj
+        h[j] = o * np.tanh(cj)
+
+
+@njit(**_JIT)
+def lstm_cell_backward(dh_out, dh_rec, gates, c_prev, c, dc, dxp):
+    """dc carries dL/dc from step t+1 in and dL/dc_prev out."""
+    H = c.shape[0]
+    for j in range(H):
+        dh = dh_out[j] + dh_rec[j]
+        i = gates[j]
+        f = gates[H + j]
+        g = gates[2 * H + j]
+        o = gates[3 * H + j]
+        tc = np.tanh(c[j])
+        dcj = dc[j] + dh * o * (_ONE - tc * tc)
+        dxp[j] = dcj * g * i * (_ONE - i)
+        dxp[H + j] = dcj * c_prev[j] * f * (_ONE - f)
+        dxp[2 * H + j] = dcj * i * (_ONE - g * g)
+        dxp[3 * H + j] = dh * tc * o * (_ONE - o)
+        dc[j] = dcj * f
+
+
+@njit(**_JIT)
+def gru_cell_forward(xp, gh, b_hh, h_prev, gates, hn, h):
+    """r,z = sigmoid;  n = tanh(x_n + r*(W_hn h + b_hn));  h = (1-z)*n + z*h_prev"""
+    H = h.shape[0]
+    for j in range(H):
+        r = _sigmoid(xp[j] + gh[j] + b_hh[j])
+        z = _sigmoid(xp[H + j] + gh[H + j] + b_hh[H + j])
+        hnj = gh[2 * H + j] + b_hh[2 * H + j]
+        n = np.tanh(xp[2 * H + j] + r * hnj)
+        gates[j] = r
+        gates[H + j] = z
+        gates[2 * H + j] = n
+        hn[j] = hnj
+        h[j] = (_ONE - z) * n + z * h_prev[j]
+
+
+@njit(**_JIT)
+def gru_cell_backward(dh_out, dh_rec, gates, hn, h_prev, dh_z, dxp, dgh):
+    """dh_z carries z*dh, the direct path to h_prev, from step t+1 in and out.
+    Unlike the other cells the recurrent gradient dgh differs from dxp in the
+    n block, because r multiplies W_hn h + b_hn."""
+    H = h_prev.shape[0]
+    for j in range(H):
+        dh = dh_out[j] + dh_rec[j] + dh_z[j]
+        r = gates[j]
+        z = gates[H + j]
+        n = gates[2 * H + j]
+        dn = dh * (_ONE - z) * (_ONE - n * n)
+        dr = dn * hn[j] * r * (_ONE - r)
+        dz = dh * (h_prev[j] - n) * z * (_ONE - z)
+        dxp[j] = dr
+        dxp[H + j] = dz
+        dxp[2 * H + j] = dn
+        dgh[j] = dr
+        dgh[H + j] = dz
+        dgh[2 * H + j] = dn * r
+        dh_z[j] = dh * z
+
+
+@njit(**_JIT)
+def rnn_cell_forward(xp, gh, b_hh, relu, h):
+    """h = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)  (or relu)"""
+    for j in range(h.shape[0]):
+        a = xp[j] + gh[j] + b_hh[j]
+        if relu:
+            h[j] = a if a > 0 else 0
+        else:
+            h[j] = np.tanh(a)
+
+
+@njit(**_JIT)
+def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
+    for j in range(h.shape[0]):
+        dh = dh_out[j] + dh_rec[j]
+        if relu:
+            dxp[j] = dh if h[j] > 0 else 0
+        else:
+            dxp[j] = dh * (_ONE - h[j] * h[j])
+
+
+# ------------------------------------------------------- time loops (layers)
+
+@njit(**_JIT)
+def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
+    """Run one layer over a window.
+
+    xp [T,B,G*H]  input projections of all steps (one GEMM, done before)
+    hs [T+1,B,H]  hidden states; hs[0] holds the incoming state
+    cs [T+1,B,H]  LSTM cell states, cs[0] incoming (unused by other cells)
+    gates [T,B,G*H], hn [T,B,H] (GRU only): saved for the backward pass
+    gh [B,G*H]    scratch for the recurrent GEMM
+    Per step: one GEMM h W_hh^T, then one fused pass over the gates.
+    """
+    T, B = xp.shape[0], xp.shape[1]
+    relu = cell == RNN_RELU
+    for t in range(T):
+        np.dot(hs[t], w_hh.T, gh)
+        for b in range(B):
+            if cell == LSTM:
+                lstm_cell_forward(xp[t, b], gh[b], b_hh, cs[t, b], gates[t, b],
+                                  cs[t + 1, b], hs[t + 1, b])
+            elif cell == GRU:
+                gru_cell_forward(xp[t, b], gh[b], b_hh, hs[t, b], gates[t, b],
+                                 hn[t, b], hs[t + 1, b])
+            else:
+                rnn_cell_forward(xp[t, b], gh[b], b_hh, relu, hs[t + 1, b])
+
+
+@njit(**_JIT)
+def recurrent_backward(cell, dh_out, w_hh, hs, cs, gates, hn,
+                       dxp, dgh, dh_rec, carry, dw_hh, db_hh):
+    """Truncated BPTT through one layer over a window.
+
+    dh_out [T,B,H]  gradient reaching the layer's outputs from above
+    dxp [T,B,G*H]   out: gradient of the input projections (feeds
+                    linear_backward / embedding_backward for W_ih, b_ih)
+    dgh [T,B,G*H]   out: gradient of h W_hh^T; for LSTM/RNN it is dxp itself,
+                    the caller passes the same array and it is not written
+    dh_rec, carry [B,H] scratch; dw_hh, db_hh overwritten.
+    No gradient flows into the incoming state (it is detached, as in
+    char-rnn and torch-rnn).
+    """
+    T, B = dh_out.shape[0], dh_out.shape[1]
+    relu = cell == RNN_RELU
+    carry[:] = 0
+    for t in range(T - 1, -1, -1):
+        if t == T - 1:
+            dh_rec[:] = 0
+        else:
+            np.dot(dgh[t + 1], w_hh, dh_rec)
+        for b in range(B):
+            if cell == LSTM:
+                lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], cs[t, b],
+                                   cs[t + 1, b], carry[b], dxp[t, b])
+            elif cell == GRU:
+                gru_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], hn[t, b],
+                                  hs[t, b], carry[b], dxp[t, b], dgh[t, b])
+            else:
+                rnn_cell_backward(dh_out[t, b], dh_rec[b], hs[t + 1, b], relu,
+                                  dxp[t, b])
+    # Weight gradient as one GEMM over the window: dW_hh = dgh^T h_prev.
+    G = dgh.shape[2]
+    H = hs.shape[2]
+    dg2 = dgh.reshape(T * B, G)
+    np.dot(dg2.T, hs[:T].reshape(T * B, H), dw_hh)
+    column_sum(db_hh, dg2)
+
+
+# ------------------------------------------------------------------- output
+
+@njit(**_JIT)
+def softmax_cross_entropy(dlogits, logits, targets, scale):
+    """Fused softmax + cross-entropy + gradient.
+
+    Returns sum_n -log softmax(logits[n])[targets[n]] (accumulated in float64)
+    and writes dlogits = scale * (softmax(logits) - onehot(targets)).
+    """
+    total = 0.0
+    V = logits.shape[1]
+    for n in range(logits.shape[0]):
+        row = logits[n]
+        d = dlogits[n]
+        m = row[0]
+        for v in range(1, V):
+            m = max(m, row[v])
+        s = 0.0
+        for v in range(V):
+            e = np.exp(row[v] - m)
+            d[v] = e
+            s += e
+        total += np.log(s) + m - row[targets[n]]
+        inv = scale / s
+        for v in range(V):
+            d[v] *= inv
+        d[targets[n]] -= scale
+    return total

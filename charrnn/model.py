@@ -1,0 +1,330 @@
+"""Model: parameters in one flat buffer with PyTorch-named views, and the
+orchestration of the kernels for a forward pass and truncated BPTT."""
+import numpy as np
+
+from .errors import CharrnnError
+from .kernels import cpu as K
+
+CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate blocks G per cell
+_CELL_IDS = {("lstm", "tanh"): K.LSTM, ("gru", "tanh"): K.GRU,
+             ("rnn", "tanh"): K.RNN_TANH, ("rnn", "relu"): K.RNN_RELU}
+
+
+def _check_size(name, value, lo, hi=None):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo \
+            or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
+
+
+class Model:
+    """A character-level language model: (embedding or one-hot) -> stacked
+    RNN/GRU/LSTM -> linear decoder -> softmax.
+
+    Parameters (``state_dict`` names and shapes are PyTorch's, so weights move
+    to and from ``torch.nn.LSTM/GRU/RNN`` + ``nn.Linear``):
+
+    - ``vocab_size`` V; ``cell``: "lstm", "gru" or "rnn"; ``hidden`` H;
+      ``layers`` L;
+    - ``embed``: None or 0 for one-hot input, else the embedding size E;
+    - ``dropout``: inverted dropout between layers, in training passes only;
+    - ``nonlinearity``: "tanh" or "relu" (``cell="rnn"`` only);
+    - ``seed``: initialisation (PyTorch's: uniform +-1/sqrt(H), embedding N(0,1))
+      and dropout masks;
+    - ``dtype``: float32; float64 exists for gradient checks.
+
+    >>> m = Model(65, cell="lstm", hidden=32, layers=2)
+    >>> logits, state = m.forward(np.zeros((4, 10), dtype=np.int32))
+    >>> logits.shape
+    (4, 10, 65)
+    """
+
+    def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
+                 dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32):
+        if cell not in CELLS:
+            raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
+        if (cell, nonlinearity) not in _CELL_IDS:
+            raise CharrnnError(f"nonlinearity {nonlinearity!r} is not available for cell {cell!r}")
+        _check_size("vocab_size", vocab_size, 1)
+        _check_size("hidden", hidden, 1, 1 << 16)
+        _check_size("layers", layers, 1, 64)
+        embed = int(embed or 0)
+        _check_size("embed", embed, 0, 1 << 16)
+        if not 0.0 <= dropout < 1.0:
+            raise CharrnnError(f"dropout must be in [0, 1), not {dropout}")
+        self.config = dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden),
+                           layers=int(layers), embed=embed or None, dropout=float(dropout),
+                           nonlinearity=nonlinearity)
+        self.dtype = np.dtype(dtype)
+        self._cell_id = _CELL_IDS[cell, nonlinearity]
+        self._shapes = self._param_shapes()
+        n = sum(int(np.prod(s)) for s in self._shapes.values())
+        self.params = np.zeros(n, dtype=self.dtype)  # every weight, one buffer
+        self.grads = np.zeros(n, dtype=self.dtype)   # their gradients, same layout
+        self._p = self._views(self.params)
+        self._g = self._views(self.grads)
+        self._rng = np.random.default_rng(seed)      # init, then dropout masks
+        self._init_weights()
+        self._workspaces = {}
+
+    # ------------------------------------------------------------ layout
+    def _param_shapes(self):
+        c = self.config
+        V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"]
+        GH = CELLS[c["cell"]] * H
+        shapes = {}
+        if E:
+            shapes["encoder.weight"] = (V, E)
+        for k in range(L):
+            inp = (E or V) if k == 0 else H
+            shapes[f"rnn.weight_ih_l{k}"] = (GH, inp)
+            shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
+            shapes[f"rnn.bias_ih_l{k}"] = (GH,)
+            shapes[f"rnn.bias_hh_l{k}"] = (GH,)
+        shapes["decoder.weight"] = (V, H)
+        shapes["decoder.bias"] = (V,)
+        return shapes
+
+    def _views(self, flat):
+        views, off = {}, 0
+        for name, shape in self._shapes.items():
+            size = int(np.prod(shape))
+            views[name] = flat[off:off + size].reshape(shape)
+            off += size
+        return views
+
+    def _init_weights(self):
+        bound = 1.0 / np.sqrt(self.config["hidden"])
+        for name, w in self._p.items():
+            if name == "encoder.weight":
+                w[...] = self._rng.standard_normal(w.shape)
+            else:
+                w[...] = self._rng.uniform(-bound, bound, w.shape)
+
+    @property
+    def num_params(self):
+        return self.params.size
+
+    def state_dict(self):
+        """Copies of the weights, keyed by PyTorch's parameter names."""
+        return {name: w.copy() for name, w in self._p.items()}
+
+    def load_state_dict(self, state):
+        """Load weights by name; every name must be present with its shape."""
+        missing = [n for n in self._shapes if n not in state]
+        extra = [n for n in state if n not in self._shapes]
+        if missing or extra:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"unexpected {', '.join(extra)}"] if extra else [])
+            raise CharrnnError("state_dict does not match the model: " + "; ".join(parts))
+        for name, shape in self._shapes.items():
+            w = np.asarray(state[name])
+            if w.shape != shape:
+                raise CharrnnError(f"{name} has shape {w.shape}, the model expects {shape}")
+            if not np.all(np.isfinite(w)):
+                raise CharrnnError(f"{name} holds non-finite values")
+            self._p[name][...] = w
+
+    # ------------------------------------------------------------ passes
+    def initial_state(self, batch):
+        """The zero state for ``batch`` streams: (h, c) for LSTM, (h,) else,
+        each [layers, batch, hidden]."""
+        L, H = self.config["layers"], self.config["hidden"]
+        n = 2 if self.config["cell"] == "lstm" else 1
+        return tuple(np.zeros((L, batch, H), dtype=self.dtype) for _ in range(n))
+
+    def forward(self, x, state=None):
+        """Logits [B,T,V] for ids ``x`` [B,T], and the state after the window.
+        Inference: no dropout."""
+        ws = self._run_forward(x, state, train=False)
+        return ws.logits.reshape(ws.T, ws.B, -1).transpose(1, 0, 2).copy(), self._state_out(ws)
+
+    def loss(self, x, y, state=None):
+        """Mean cross-entropy (nats) of targets ``y`` given ``x``, both [B,T],
+        and the next state. Inference: no dropout, no gradients."""
+        ws = self._run_forward(x, state, train=False)
+        total = K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y), 0.0)
+        return total / (ws.B * ws.T), self._state_out(ws)
+
+    def loss_and_grads(self, x, y, state=None):
+        """One training pass over a window: mean cross-entropy over B*T,
+        gradients, and the next state.
+
+        ``grads`` maps each ``state_dict`` name to a view of ``self.grads``;
+        the next call overwrites them. Dropout, if any, applies here, with
+        the same mask in the forward and backward pass.
+        """
+        ws = self._run_forward(x, state, train=True)
+        total = K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y),
+                                        1.0 / (ws.B * ws.T))
+        self._run_backward(ws)
+        return total / (ws.B * ws.T), self._g, self._state_out(ws)
+
+    # ------------------------------------------------------------ internals
+    def _workspace(self, B, T):
+        ws = self._workspaces.get((B, T))
+        if ws is None:
+            if len(self._workspaces) >= 4:  # training + validation shapes, typically
+                self._workspaces.clear()
+            ws = self._workspaces[B, T] = _Workspace(self, B, T)
+        return ws
+
+    def _ids(self, x, name="x"):
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise CharrnnError(f"{name} must be a non-empty [batch, time] array, not shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.integer):
+            raise CharrnnError(f"{name} must hold integer ids, not {x.dtype}")
+        V = self.config["vocab_size"]
+        if x.min() < 0 or x.max() >= V:
+            raise CharrnnError(f"{name} holds ids outside [0, {V})")
+        return np.ascontiguousarray(x.T, dtype=np.int32)  # time-major [T, B]
+
+    def _targets(self, ws, y):
+        y = self._ids(y, "y")
+        if y.shape != (ws.T, ws.B):
+            raise CharrnnError(f"y has shape {y.shape[::-1]}, x has {(ws.B, ws.T)}")
+        return y.reshape(-1)
+
+    def _run_forward(self, x, state, train):
+        ids = self._ids(x)
+        T, B = ids.shape
+        ws = self._workspace(B, T)
+        ws.ids = ids.reshape(-1)
+        self._set_state_in(ws, state)
+        c, p = self.config, self._p
+        L, H = c["layers"], c["hidden"]
+        drop = train and c["dropout"] > 0
+        for k in range(L):
+            lay = ws.layers[k]
+            xp2 = lay.xp.reshape(T * B, -1)
+            if k == 0 and not c["embed"]:
+                # one-hot input: the projection is a row gather of W_ih^T
+                np.copyto(ws.w_ih0_t, p["rnn.weight_ih_l0"].T)
+                K.embedding_forward(xp2, ws.w_ih0_t, ws.ids, p["rnn.bias_ih_l0"])
+            else:
+                if k == 0:
+                    K.embedding_forward(ws.emb, p["encoder.weight"], ws.ids, ws.zero_e)
+                    inp = ws.emb
+                else:
+                    below = ws.layers[k - 1]
+                    inp = below.hs[1:].reshape(T * B, H)
+                    if drop:
+                        below.mask[...] = self._dropout_mask(below.mask.shape)
+                        K.apply_dropout(below.dropped, inp, below.mask)
+                        inp = below.dropped
+                lay.inp = inp
+                K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
+            K.recurrent_forward(self._cell_id, lay.xp, p[f"rnn.weight_hh_l{k}"],
+                                p[f"rnn.bias_hh_l{k}"], lay.hs, lay.cs, lay.gates,
+                                lay.hn, ws.gh)
+        ws.dropout_on = drop
+        top = ws.layers[-1].hs[1:].reshape(T * B, H)
+        K.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"])
+        return ws
+
+    def _run_backward(self, ws):
+        c, p, g = self.config, self._p, self._g
+        L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
+        top = ws.layers[-1].hs[1:].reshape(T * B, H)
+        dh = ws.dh_out.reshape(T * B, H)
+        K.linear_backward(dh, g["decoder.weight"], g["decoder.bias"], ws.dlogits,
+                          top, p["decoder.weight"])
+        for k in range(L - 1, -1, -1):
+            lay = ws.layers[k]
+            K.recurrent_backward(self._cell_id, ws.dh_out, p[f"rnn.weight_hh_l{k}"],
+                                 lay.hs, lay.cs, lay.gates, lay.hn, ws.dxp, ws.dgh,
+                                 ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
+                                 g[f"rnn.bias_hh_l{k}"])
+            dxp2 = ws.dxp.reshape(T * B, -1)
+            if k == 0 and not c["embed"]:
+                K.embedding_backward(ws.w_ih0_t, g["rnn.bias_ih_l0"], dxp2, ws.ids)
+                np.copyto(g["rnn.weight_ih_l0"], ws.w_ih0_t.T)
+                continue
+            if k == 0:
+                dinp = ws.demb
+            else:  # the layer below gets the gradient, through its dropout mask
+                dinp = ws.ddropped if ws.dropout_on else dh
+            K.linear_backward(dinp, g[f"rnn.weight_ih_l{k}"], g[f"rnn.bias_ih_l{k}"],
+                              dxp2, lay.inp, p[f"rnn.weight_ih_l{k}"])
+            if k == 0:
+                K.embedding_backward(g["encoder.weight"], ws.dzero_e, ws.demb, ws.ids)
+            elif ws.dropout_on:
+                K.apply_dropout(dh, ws.ddropped, ws.layers[k - 1].mask)
+
+    def _dropout_mask(self, shape):
+        p = self.config["dropout"]
+        keep = self._rng.random(shape, dtype=np.float32) >= p
+        return keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
+
+    def _set_state_in(self, ws, state):
+        if state is None:
+            for lay in ws.layers:
+                lay.hs[0] = 0
+                lay.cs[:1] = 0
+            return
+        want = self.initial_state(ws.B)
+        if not isinstance(state, (tuple, list)) or len(state) != len(want):
+            raise CharrnnError(f"state must be a tuple of {len(want)} arrays "
+                               f"[layers, batch, hidden] for a {self.config['cell']} model")
+        for s, w in zip(state, want):
+            s = np.asarray(s)
+            if s.shape != w.shape:
+                raise CharrnnError(f"state has shape {s.shape} but this batch needs {w.shape} "
+                                   "(a state from a different batch size or model?)")
+        for k, lay in enumerate(ws.layers):
+            lay.hs[0] = state[0][k]
+            if len(state) == 2:
+                lay.cs[0] = state[1][k]
+
+    def _state_out(self, ws):
+        h = np.stack([lay.hs[-1] for lay in ws.layers])
+        if self.config["cell"] == "lstm":
+            return h, np.stack([lay.cs[-1] for lay in ws.layers])
+        return (h,)
+
+
+class _Layer:
+    """Per-layer buffers of one window, kept for the backward pass."""
+
+    def __init__(self, cell, B, T, H, G, dtype):
+        z = lambda *s: np.zeros(s, dtype=dtype)  # noqa: E731
+        self.xp = z(T, B, G * H)
+        self.hs = z(T + 1, B, H)
+        self.cs = z(T + 1, B, H) if cell == "lstm" else z(1, 1, 1)
+        self.hn = z(T, B, H) if cell == "gru" else z(1, 1, 1)
+        self.gates = z(T, B, G * H) if cell != "rnn" else z(1, 1, 1)
+        self.mask = z(T, B, H)      # dropout on this layer's output
+        self.dropped = z(T * B, H)
+        self.inp = None
+
+
+class _Workspace:
+    """Every buffer of a forward + backward pass for one (B, T), allocated once
+    and reused: no allocation per step or per window."""
+
+    def __init__(self, model, B, T):
+        c, dt = model.config, model.dtype
+        V, H, E = c["vocab_size"], c["hidden"], c["embed"]
+        G = CELLS[c["cell"]]
+        self.B, self.T = B, T
+        self.layers = [_Layer(c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
+        self.gh = np.zeros((B, G * H), dt)
+        self.logits = np.zeros((T * B, V), dt)
+        self.dlogits = np.zeros((T * B, V), dt)
+        self.dh_out = np.zeros((T, B, H), dt)
+        self.dxp = np.zeros((T, B, G * H), dt)
+        # GRU's recurrent gradient differs from dxp; the other cells share it
+        self.dgh = np.zeros((T, B, G * H), dt) if c["cell"] == "gru" else self.dxp
+        self.dh_rec = np.zeros((B, H), dt)
+        self.carry = np.zeros((B, H), dt)
+        if E:
+            self.emb = np.zeros((T * B, E), dt)
+            self.demb = np.zeros((T * B, E), dt)
+            self.zero_e = np.zeros(E, dt)   # the encoder has no bias
+            self.dzero_e = np.zeros(E, dt)
+        else:
+            self.w_ih0_t = np.zeros((V, G * H), dt)
+        self.ddropped = np.zeros((T * B, H), dt) if c["dropout"] > 0 else None
+        self.ids = None
+        self.dropout_on = False

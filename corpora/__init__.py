@@ -1,0 +1,1 @@
+"""Package data for charrnn: the registry of downloadable corpora (registry.json)."""
