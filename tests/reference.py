@@ -1,0 +1,99 @@
+"""The specification: slow, obviously correct float64 NumPy char-LMs.
+
+Written from the equations, one time step and one layer at a time, sharing
+no code with charrnn's kernels. Weights use PyTorch's names and layouts.
+"""
+import numpy as np
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One step of one layer for a batch: x [B,in], h, c [B,H] -> (h, c)."""
+    H = h.shape[1]
+    gi = x @ w_ih.T + b_ih
+    gh = h @ w_hh.T + b_hh
+    if cell == "lstm":
+        a = gi + gh
+        i = sigmoid(a[:, :H])
+        f = sigmoid(a[:, H:2 * H])
+        g = np.tanh(a[:, 2 * H:3 * H])
+        o = sigmoid(a[:, 3 * H:])
+        c = f * c + i * g
+        return o * np.tanh(c), c
+    if cell == "gru":
+        r = sigmoid(gi[:, :H] + gh[:, :H])
+        z = sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+        n = np.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+        return (1 - z) * n + z * h, c
+    a = gi + gh
+    return (np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)), c
+
+
+def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None):
+    """Logits [B,T,V] of ids x [B,T] and the final state (h [L,B,H], c [L,B,H]).
+
+    ``masks[k]`` [T,B,H] multiplies layer k's output before layer k+1
+    (inverted dropout, already scaled); None means no dropout.
+    """
+    B, T = x.shape
+    V, H = params["decoder.weight"].shape
+    if "encoder.weight" in params:
+        inputs = [params["encoder.weight"][x[:, t]] for t in range(T)]
+    else:
+        inputs = [np.eye(V)[x[:, t]] for t in range(T)]
+    h0 = np.zeros((layers, B, H)) if state is None else state[0]
+    c0 = np.zeros((layers, B, H)) if state is None or len(state) < 2 else state[1]
+    hs, cs = [], []
+    for k in range(layers):
+        h, c = h0[k], c0[k]
+        outputs = []
+        for t in range(T):
+            h, c = cell_step(cell, nonlinearity, inputs[t], h, c,
+                             params[f"rnn.weight_ih_l{k}"], params[f"rnn.weight_hh_l{k}"],
+                             params[f"rnn.bias_ih_l{k}"], params[f"rnn.bias_hh_l{k}"])
+            outputs.append(h)
+        hs.append(h)
+        cs.append(c)
+        if masks is not None and k < layers - 1:
+            outputs = [o * masks[k][t] for t, o in enumerate(outputs)]
+        inputs = outputs
+    logits = np.stack([o @ params["decoder.weight"].T + params["decoder.bias"]
+                       for o in inputs], axis=1)
+    state = (np.stack(hs), np.stack(cs)) if cell == "lstm" else (np.stack(hs),)
+    return logits, state
+
+
+def cross_entropy(logits, y):
+    """Mean negative log-likelihood of targets y [B,T] under logits [B,T,V]."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(logp, y[..., None], axis=-1).mean()
+
+
+def loss(params, x, y, cell, layers, nonlinearity="tanh", state=None, masks=None):
+    logits, state = forward(params, x, cell, layers, nonlinearity, state, masks)
+    return cross_entropy(logits, y), state
+
+
+def finite_difference_grads(f, params, eps=1e-4):
+    """Central differences of the scalar f(params) for every entry of every array
+    (eps 1e-4: truncation error ~eps^2, far above float64 round-off)."""
+    grads = {}
+    for name, w in params.items():
+        g = np.zeros_like(w)
+        flat, gflat = w.reshape(-1), g.reshape(-1)
+        for i in range(flat.size):
+            old = flat[i]
+            flat[i] = old + eps
+            up = f(params)
+            flat[i] = old - eps
+            down = f(params)
+            flat[i] = old
+            gflat[i] = (up - down) / (2 * eps)
+        grads[name] = g
+    return grads

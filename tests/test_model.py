@@ -1,0 +1,237 @@
+"""The model's forward pass and BPTT against the float64 reference, finite
+differences and (where installed) PyTorch."""
+import numpy as np
+import pytest
+
+import reference as ref
+from charrnn import CharrnnError, Model
+
+V, H, E, B, T = 7, 5, 3, 2, 4
+CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+CONFIGS = [(c, nl, L, e) for c, nl in CELLS for L in (1, 2) for e in (None, E)]
+IDS = [f"{c}-{nl}-L{L}-{'emb' if e else 'onehot'}" for c, nl, L, e in CONFIGS]
+
+
+def make_model(cell, nl, layers, embed, dtype=np.float64, dropout=0.0, seed=1):
+    return Model(V, cell=cell, hidden=H, layers=layers, embed=embed, dropout=dropout,
+                 seed=seed, nonlinearity=nl, dtype=dtype)
+
+
+def windows(seed=0):
+    """Two consecutive windows (x, y) of a random character stream."""
+    stream = np.random.default_rng(seed).integers(0, V, size=(B, 2 * T + 1))
+    return [(stream[:, k * T:(k + 1) * T], stream[:, k * T + 1:(k + 1) * T + 1]) for k in (0, 1)]
+
+
+def rel_err(a, b):
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+
+
+def as64(params):
+    return {k: v.astype(np.float64) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("cell,nl,layers,embed", CONFIGS, ids=IDS)
+def test_forward_matches_reference_over_two_windows(cell, nl, layers, embed):
+    m = make_model(cell, nl, layers, embed, dtype=np.float32)
+    params = as64(m.state_dict())
+    state = ref_state = None
+    for x, _ in windows():
+        logits, state = m.forward(x, state)
+        want, ref_state = ref.forward(params, x, cell, layers, nl, ref_state)
+        assert rel_err(logits, want) < 1e-5
+    for got, want in zip(state, ref_state):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("cell,nl,layers,embed", CONFIGS, ids=IDS)
+def test_loss_matches_reference_over_two_windows(cell, nl, layers, embed):
+    m = make_model(cell, nl, layers, embed, dtype=np.float32)
+    params = as64(m.state_dict())
+    state = ref_state = None
+    for x, y in windows():
+        loss, _, state = m.loss_and_grads(x, y, state)
+        want, ref_state = ref.loss(params, x, y, cell, layers, nl, ref_state)
+        assert loss == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("cell,nl,layers,embed", CONFIGS, ids=IDS)
+def test_gradients_match_finite_differences(cell, nl, layers, embed):
+    m = make_model(cell, nl, layers, embed)
+    params = m.state_dict()
+    (x1, y1), (x2, y2) = windows()
+    _, _, state = m.loss_and_grads(x1, y1)
+    _, grads, _ = m.loss_and_grads(x2, y2, state)
+    # truncated BPTT: the incoming state is a constant of the second window
+    _, ref_state = ref.forward(params, x1, cell, layers, nl)
+    fd = ref.finite_difference_grads(
+        lambda p: ref.loss(p, x2, y2, cell, layers, nl, ref_state)[0], params)
+    for name in params:
+        assert rel_err(grads[name], fd[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_dropout_uses_the_same_mask_forward_and_backward(cell):
+    m = make_model(cell, "tanh", 3, None, dropout=0.4)
+    params = m.state_dict()
+    (x, y), _ = windows()
+    loss, grads, _ = m.loss_and_grads(x, y)
+    masks = [lay.mask.copy() for lay in m._workspaces[B, T].layers]
+    assert any((mk == 0).any() for mk in masks[:-1])
+    want, _ = ref.loss(params, x, y, cell, 3, masks=masks)
+    assert loss == pytest.approx(want, rel=1e-12)
+    fd = ref.finite_difference_grads(lambda p: ref.loss(p, x, y, cell, 3, masks=masks)[0], params)
+    for name in params:
+        assert rel_err(grads[name], fd[name]) < 1e-6, name
+
+
+def test_dropout_is_off_in_forward_and_loss():
+    (x, y), _ = windows()
+    plain = make_model("lstm", "tanh", 2, None)
+    dropped = make_model("lstm", "tanh", 2, None, dropout=0.5)
+    assert np.array_equal(plain.forward(x)[0], dropped.forward(x)[0])
+    assert plain.loss(x, y)[0] == dropped.loss(x, y)[0]
+
+
+def test_dropout_masks_scale_kept_units_by_inverse_keep_rate():
+    m = make_model("gru", "tanh", 2, None, dropout=0.25)
+    m.loss_and_grads(*windows()[0])
+    mask = m._workspaces[B, T].layers[0].mask
+    assert set(np.unique(mask)) <= {0.0, np.float64(1 / 0.75)}
+
+
+def test_state_from_another_batch_size_is_an_error():
+    m = make_model("lstm", "tanh", 2, None)
+    (x, y), _ = windows()
+    _, state = m.forward(x)
+    with pytest.raises(CharrnnError, match="different batch size"):
+        m.forward(np.zeros((B + 1, T), dtype=np.int32), state)
+
+
+def test_state_of_the_wrong_kind_is_an_error():
+    m = make_model("lstm", "tanh", 2, None)
+    with pytest.raises(CharrnnError, match="tuple of 2"):
+        m.forward(np.zeros((B, T), dtype=np.int32), (np.zeros((2, B, H)),))
+
+
+def test_ids_outside_the_vocabulary_are_an_error():
+    m = make_model("rnn", "tanh", 1, None)
+    with pytest.raises(CharrnnError, match="outside"):
+        m.forward(np.full((B, T), V))
+
+
+def test_state_dict_has_pytorch_names_and_shapes():
+    m = Model(V, cell="gru", hidden=H, layers=2, embed=E)
+    shapes = {k: v.shape for k, v in m.state_dict().items()}
+    assert shapes == {
+        "encoder.weight": (V, E),
+        "rnn.weight_ih_l0": (3 * H, E), "rnn.weight_hh_l0": (3 * H, H),
+        "rnn.bias_ih_l0": (3 * H,), "rnn.bias_hh_l0": (3 * H,),
+        "rnn.weight_ih_l1": (3 * H, H), "rnn.weight_hh_l1": (3 * H, H),
+        "rnn.bias_ih_l1": (3 * H,), "rnn.bias_hh_l1": (3 * H,),
+        "decoder.weight": (V, H), "decoder.bias": (V,),
+    }
+
+
+def test_one_hot_input_weight_is_gates_by_vocab():
+    m = Model(V, cell="lstm", hidden=H, layers=1)
+    assert m.state_dict()["rnn.weight_ih_l0"].shape == (4 * H, V)
+    assert "encoder.weight" not in m.state_dict()
+
+
+def test_state_dict_round_trips():
+    a, b = Model(V, hidden=H, seed=1), Model(V, hidden=H, seed=2)
+    b.load_state_dict(a.state_dict())
+    assert all(np.array_equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_load_state_dict_rejects_a_wrong_name():
+    m = Model(V, hidden=H)
+    d = m.state_dict()
+    d["rnn.weight_xx_l0"] = d.pop("rnn.weight_ih_l0")
+    with pytest.raises(CharrnnError, match="missing rnn.weight_ih_l0; unexpected rnn.weight_xx_l0"):
+        m.load_state_dict(d)
+
+
+def test_load_state_dict_rejects_a_wrong_shape():
+    m = Model(V, hidden=H)
+    d = m.state_dict()
+    d["decoder.bias"] = np.zeros(V + 1)
+    with pytest.raises(CharrnnError, match="decoder.bias has shape"):
+        m.load_state_dict(d)
+
+
+def test_initialisation_is_pytorchs_uniform_and_seeded():
+    m = Model(V, hidden=16, layers=2, embed=4, seed=3)
+    bound = 1 / np.sqrt(16)
+    for name, w in m.state_dict().items():
+        if name != "encoder.weight":
+            assert np.abs(w).max() <= bound
+    assert np.array_equal(m.params, Model(V, hidden=16, layers=2, embed=4, seed=3).params)
+    assert not np.array_equal(m.params, Model(V, hidden=16, layers=2, embed=4, seed=4).params)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cell="transformer"), "cell must be"),
+    (dict(hidden=0), "hidden must be"),
+    (dict(layers=0), "layers must be"),
+    (dict(dropout=1.0), "dropout must be"),
+    (dict(cell="lstm", nonlinearity="relu"), "not available"),
+])
+def test_impossible_configurations_are_clear_errors(kwargs, match):
+    with pytest.raises(CharrnnError, match=match):
+        Model(V, **kwargs)
+
+
+def test_losses_are_reproducible_for_a_seed():
+    def run():
+        m = make_model("lstm", "tanh", 2, None, dtype=np.float32, dropout=0.3, seed=7)
+        state, out = None, []
+        for x, y in windows():
+            loss, _, state = m.loss_and_grads(x, y, state)
+            out.append(loss)
+        return out
+    assert run() == run()
+
+
+# ------------------------------------------------------------------ PyTorch
+
+@pytest.mark.parametrize("cell,nl,layers,embed", CONFIGS, ids=IDS)
+def test_loss_and_gradients_match_torch(cell, nl, layers, embed):
+    torch = pytest.importorskip("torch")
+    m = make_model(cell, nl, layers, embed, dtype=np.float32)
+    params = m.state_dict()
+    rnn_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
+    kw = {"nonlinearity": nl} if cell == "rnn" else {}
+    rnn = rnn_cls(embed or V, H, layers, batch_first=True, **kw)
+    decoder = torch.nn.Linear(H, V)
+    encoder = torch.nn.Embedding(V, embed) if embed else None
+    with torch.no_grad():
+        for name, w in params.items():
+            mod, attr = name.split(".")
+            getattr({"rnn": rnn, "decoder": decoder, "encoder": encoder}[mod], attr).copy_(
+                torch.from_numpy(w))
+    modules = {"rnn": rnn, "decoder": decoder, "encoder": encoder}
+
+    def torch_loss(x, y, state):
+        xt = torch.from_numpy(np.asarray(x, dtype=np.int64))
+        inp = encoder(xt) if embed else torch.nn.functional.one_hot(xt, V).float()
+        out, state = rnn(inp, state)
+        logits = decoder(out)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, V),
+                                                 torch.from_numpy(np.asarray(y, np.int64)).reshape(-1)), state
+
+    state = tstate = None
+    for x, y in windows():
+        loss, grads, state = m.loss_and_grads(x, y, state)
+        for mod in modules.values():
+            if mod is not None:
+                mod.zero_grad()
+        tloss, tstate = torch_loss(x, y, tstate)
+        tloss.backward()
+        tstate = tuple(s.detach() for s in tstate) if isinstance(tstate, tuple) else tstate.detach()
+        assert loss == pytest.approx(tloss.item(), rel=1e-5)
+        for name in params:
+            mod, attr = name.split(".")
+            tg = getattr(modules[mod], attr).grad.numpy()
+            assert rel_err(grads[name], tg) < 1e-4, name
