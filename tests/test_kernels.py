@@ -1,0 +1,42 @@
+"""Kernel-level facts that the model tests do not show directly."""
+import numpy as np
+from numba import njit
+
+from charrnn.kernels import cpu as K
+
+
+@njit
+def _apply_tanh(out, x):
+    for i in range(x.shape[0]):
+        out[i] = K.tanh(x[i])
+
+
+def test_float32_tanh_is_within_float32_rounding_of_tanh():
+    x = np.linspace(-12, 12, 200_001).astype(np.float32)
+    out = np.empty_like(x)
+    _apply_tanh(out, x)
+    assert np.max(np.abs(out.astype(np.float64) - np.tanh(x.astype(np.float64)))) < 5e-7
+    assert np.all(np.abs(out) <= 1.0)
+
+
+def test_float32_tanh_is_odd():
+    x = np.linspace(0, 10, 10_001).astype(np.float32)
+    pos, neg = np.empty_like(x), np.empty_like(x)
+    _apply_tanh(pos, x)
+    _apply_tanh(neg, -x)
+    assert np.array_equal(pos, -neg)
+
+
+def test_float64_tanh_is_libm_tanh():
+    x = np.linspace(-5, 5, 1001)
+    out = np.empty_like(x)
+    _apply_tanh(out, x)
+    assert np.allclose(out, np.tanh(x), rtol=1e-15, atol=0)
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[1e4, 0.0, -1e4]], dtype=np.float32)
+    d = np.empty_like(logits)
+    total = K.softmax_cross_entropy(d, logits, np.array([1], dtype=np.int32), 1.0)
+    assert total == 1e4
+    assert np.allclose(d, [[1.0, -1.0, 0.0]])
