@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import CharrnnError
 
-_CHUNK = 1 << 24  # bytes read at a time: bounds the temporary copies of a chunk
+_CHUNK = 1 << 22  # bytes read at a time: bounds the temporary copies of a chunk
 
 
 def _id_dtype(size):
@@ -38,7 +38,7 @@ class Vocab:
             raise CharrnnError("a vocabulary needs at least one symbol")
         self.codes = np.array(codes, dtype=np.int64)  # code points or byte values
         self.dtype = _id_dtype(len(codes))
-        self._lut = np.full(int(self.codes[-1]) + 1, -1, dtype=np.int64)
+        self._lut = np.full(int(self.codes[-1]) + 1, -1, dtype=np.int32)
         self._lut[self.codes] = np.arange(len(codes))
 
     def __len__(self):
@@ -67,7 +67,7 @@ class Vocab:
         lut = self._lut
         if codes.size and codes.max() >= len(lut):
             known = codes < len(lut)
-            ids = np.full(codes.shape, -1, dtype=np.int64)
+            ids = np.full(codes.shape, -1, dtype=np.int32)
             ids[known] = lut[codes[known]]
         else:
             ids = lut[codes]

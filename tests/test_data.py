@@ -1,0 +1,105 @@
+"""Vocabulary, corpus encoding, split and char-rnn batching."""
+import numpy as np
+import pytest
+
+from charrnn import CharrnnError, Vocab
+from charrnn import data
+
+
+def test_vocab_is_sorted_and_deduplicated():
+    assert Vocab("banana").symbols == "abn"
+
+
+def test_encode_decode_round_trips_unicode():
+    text = "héllo wörld — ☃"
+    v = Vocab(text)
+    assert v.decode(v.encode(text)) == text
+
+
+@pytest.mark.parametrize("size,dtype", [(200, np.uint8), (256, np.uint8), (257, np.uint16),
+                                        (70_000, np.int32)])
+def test_ids_use_the_smallest_dtype_that_fits(size, dtype):
+    v = Vocab("".join(chr(0x100 + i) for i in range(size)))
+    assert v.encode(v.symbols[:3]).dtype == dtype
+
+
+def test_unknown_characters_are_an_error_naming_them():
+    with pytest.raises(CharrnnError, match="'x', 'z'"):
+        Vocab("abc").encode("axbz")
+
+
+def test_unknown_characters_can_be_skipped():
+    v = Vocab("abc")
+    assert v.decode(v.encode("axbz", skip_unknown=True)) == "ab"
+
+
+def test_bytes_vocabulary_encodes_any_bytes():
+    raw = bytes([0, 255, 7, 0xC3])
+    v = Vocab(raw, mode="bytes")
+    assert v.decode(v.encode(raw)) == raw
+
+
+def test_vocab_serialises_through_json_types():
+    import json
+    for v in (Vocab("ab☃\n"), Vocab(b"\x00\xff", mode="bytes")):
+        assert Vocab.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+
+
+def test_corpus_of_several_files_is_their_concatenation(tmp_path):
+    (tmp_path / "a.txt").write_text("hello ", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("wörld", encoding="utf-8")
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    v = Vocab.from_files(paths)
+    assert v.decode(data.encode_files(paths, v)) == "hello wörld"
+
+
+def test_multibyte_characters_survive_chunk_borders(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_CHUNK", 7)
+    text = "☃é" * 50 + "abc"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    v = Vocab.from_files([tmp_path / "t.txt"])
+    assert v.decode(data.encode_files([tmp_path / "t.txt"], v)) == text
+
+
+def test_invalid_utf8_suggests_bytes_mode(tmp_path):
+    (tmp_path / "bin").write_bytes(b"abc\xff\xfe")
+    with pytest.raises(CharrnnError, match="--bytes"):
+        Vocab.from_files([tmp_path / "bin"])
+
+
+def test_bytes_mode_reads_binary_files(tmp_path):
+    (tmp_path / "bin").write_bytes(b"abc\xff\xfe")
+    v = Vocab.from_files([tmp_path / "bin"], mode="bytes")
+    assert v.decode(data.encode_files([tmp_path / "bin"], v)) == b"abc\xff\xfe"
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CharrnnError, match="empty"):
+        Vocab.from_files([tmp_path / "empty.txt"])
+
+
+def test_missing_corpus_is_an_error(tmp_path):
+    with pytest.raises(CharrnnError, match="cannot read"):
+        Vocab.from_files([tmp_path / "nope.txt"])
+
+
+def test_split_takes_the_tail_as_validation():
+    train, val = data.split(np.arange(100), 0.1)
+    assert train.tolist() == list(range(90)) and val.tolist() == list(range(90, 100))
+
+
+def test_windows_are_contiguous_streams_with_shifted_targets():
+    ids = np.arange(2 * 3 * 4 + 5)
+    w = data.Windows(ids, batch=2, seq_len=3)
+    assert len(w) == 4
+    x0, y0 = w[0]
+    x1, _ = w[1]
+    assert x0.tolist() == [[0, 1, 2], [12, 13, 14]]
+    assert x1.tolist() == [[3, 4, 5], [15, 16, 17]]
+    assert np.array_equal(y0, x0 + 1)
+
+
+def test_windows_say_what_fits_when_the_text_is_too_short():
+    with pytest.raises(CharrnnError, match="needs at least 51"):
+        data.Windows(np.arange(50), batch=5, seq_len=10)
