@@ -11,7 +11,6 @@ raised as a one-line :class:`~charrnn.errors.CharrnnError`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -19,15 +18,15 @@ import os
 import socket
 import sys
 import sysconfig
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from charrnn.atomic import atomic_write
 from charrnn.errors import CharrnnError
 
 Progress = Callable[[int, int], None]
@@ -76,30 +75,6 @@ def registry() -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------
 # Atomic writes
-
-
-@contextlib.contextmanager
-def _atomic_file(final: Path) -> Iterator[BinaryIO]:
-    """Yield a temp file beside ``final``; on success fsync it and rename it over ``final``.
-
-    On any error the temp file is removed, so ``final`` is either absent, its old
-    self, or complete: never partial.
-    """
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
-    except OSError as e:
-        raise CharrnnError(f"cannot write to {final.parent}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _sha256_of(path: Path) -> str:
@@ -189,7 +164,7 @@ def builtin_path(name: str = "builtin", cache_dir: str | os.PathLike | None = No
     if final.is_file():
         return final
     try:
-        with _atomic_file(final) as out:
+        with atomic_write(final) as out:
             _write_stdlib_corpus(out, root, _BUILTINS[key][1])
     except OSError as e:
         raise CharrnnError(f"cannot write {final}: {e.strerror or e}") from None
@@ -251,7 +226,7 @@ def _download(name: str, entry: Mapping, final: Path, progress: Progress | None,
         raise failed(e) from None
     # Network errors are caught around each read only, so that a local write
     # error (disk full) is reported as such by the caller, not as "offline".
-    with resp, _atomic_file(final) as out:
+    with resp, atomic_write(final) as out:
         header = resp.headers.get("Content-Length", "")
         length = int(header) if header.isdigit() else None
         total = want_size if length is None else length
@@ -298,7 +273,7 @@ def _extract(name: str, entry: Mapping, archive: Path, final: Path) -> None:
             if member is None or member not in zf.namelist():
                 names = ", ".join(i.filename for i in files[:10])
                 raise CharrnnError(f"archive {archive} has no member {member!r} for {name}; it holds: {names}")
-            with zf.open(member) as src, _atomic_file(final) as out:
+            with zf.open(member) as src, atomic_write(final) as out:
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:

@@ -337,3 +337,73 @@ def softmax_cross_entropy(dlogits, logits, targets, scale):
             d[v] *= inv
         d[targets[n]] -= scale
     return total
+
+
+# ---------------------------------------------------------------- optimizers
+# One fused pass over the flat parameter buffer each. ``scale`` folds the
+# global-norm gradient clip into the update; ``wd`` is L2 weight decay added
+# to the gradient (PyTorch's ``weight_decay``), except in AdamW where it
+# shrinks the weights directly (decoupled).
+
+@njit(**_JIT)
+def squared_norm(g):
+    """sum g^2 in float64, serially: the same bits for any thread count."""
+    s = 0.0
+    for k in range(g.shape[0]):
+        s += np.float64(g[k]) * g[k]
+    return s
+
+
+@njit(**_JIT)
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, wd, decoupled, step, scale):
+    """Adam / AdamW (PyTorch's formulation, bias-corrected)."""
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    step_size = np.float32(lr / bc1)
+    inv_sqrt_bc2 = np.float32(1.0 / np.sqrt(bc2))
+    b1, b2, e = np.float32(beta1), np.float32(beta2), np.float32(eps)
+    shrink = np.float32(1.0 - lr * wd) if decoupled else _ONE
+    l2 = np.float32(0.0 if decoupled else wd)
+    sc = np.float32(scale)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        m[k] = b1 * m[k] + (_ONE - b1) * gk
+        v[k] = b2 * v[k] + (_ONE - b2) * gk * gk
+        p[k] = p[k] * shrink - step_size * m[k] / (np.sqrt(v[k]) * inv_sqrt_bc2 + e)
+
+
+@njit(**_JIT)
+def rmsprop_update(p, g, v, buf, lr, alpha, eps, wd, momentum, scale):
+    """RMSprop (PyTorch's: eps outside the root; optional momentum)."""
+    a, e, mu, l2 = np.float32(alpha), np.float32(eps), np.float32(momentum), np.float32(wd)
+    sc, lr32 = np.float32(scale), np.float32(lr)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        v[k] = a * v[k] + (_ONE - a) * gk * gk
+        u = gk / (np.sqrt(v[k]) + e)
+        if momentum > 0:
+            buf[k] = mu * buf[k] + u
+            u = buf[k]
+        p[k] -= lr32 * u
+
+
+@njit(**_JIT)
+def adagrad_update(p, g, s, lr, eps, wd, scale):
+    """Adagrad (PyTorch's, without learning-rate decay)."""
+    e, l2, sc, lr32 = np.float32(eps), np.float32(wd), np.float32(scale), np.float32(lr)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        s[k] += gk * gk
+        p[k] -= lr32 * gk / (np.sqrt(s[k]) + e)
+
+
+@njit(**_JIT)
+def sgd_update(p, g, buf, lr, momentum, wd, scale):
+    """SGD with optional (heavy-ball) momentum, PyTorch's convention."""
+    mu, l2, sc, lr32 = np.float32(momentum), np.float32(wd), np.float32(scale), np.float32(lr)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        if momentum > 0:
+            buf[k] = mu * buf[k] + gk
+            gk = buf[k]
+        p[k] -= lr32 * gk

@@ -1,0 +1,161 @@
+"""The ``charrnn`` command: a thin click layer over the Python API."""
+import functools
+import sys
+
+import click
+
+from . import __version__
+from .errors import CharrnnError
+
+
+def _one_line_errors(f):
+    """User errors become ``error: ...`` on stderr and a non-zero exit; a
+    traceback only with --debug."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return f(*args, **kwargs)
+        except CharrnnError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(getattr(e, "exit_code", 1))
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug: say so in one line unless debugging
+            if debug:
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                       err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="charrnn")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def main(debug):
+    """Character-level RNN/GRU/LSTM language models, Numba-accelerated.
+
+    \b
+      charrnn train corpus.txt
+      charrnn sample run --temp 0.8 --prime "ROMEO:"
+    """
+
+
+# ------------------------------------------------------------------- train
+
+def _train_options(f):
+    from .optim import OPTIMIZERS, SCHEDULES
+    from .train import TrainConfig as D  # the defaults live there, once
+    opts = [
+        click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=D.cell, show_default=True),
+        click.option("--hidden", type=int, default=D.hidden, show_default=True, help="Units per layer."),
+        click.option("--layers", type=int, default=D.layers, show_default=True),
+        click.option("--embed", type=int, default=D.embed, show_default=True, help="Embedding size; 0 = one-hot input."),
+        click.option("--dropout", type=float, default=D.dropout, show_default=True, help="Between layers."),
+        click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=D.nonlinearity,
+                     show_default=True, help="For --cell rnn."),
+        click.option("--seq-len", type=int, default=D.seq_len, show_default=True, help="T: characters per window (BPTT)."),
+        click.option("--batch", type=int, default=D.batch, show_default=True, help="B: parallel streams."),
+        click.option("--lr", type=float, default=D.lr, show_default=True, help="Learning rate."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True),
+        click.option("--momentum", type=float, default=D.momentum, show_default=True, help="For rmsprop and sgd."),
+        click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True),
+        click.option("--clip", type=float, default=D.clip, show_default=True, help="Global gradient-norm clip; 0 = off."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True),
+        click.option("--warmup", type=int, default=D.warmup, show_default=True, help="Steps of linear warm-up."),
+        click.option("--decay", type=float, default=D.decay, show_default=True, help="Step schedule: factor..."),
+        click.option("--decay-every", type=int, default=D.decay_every, show_default=True,
+                     help="...every N steps (0: a third of the budget)."),
+        click.option("--steps", type=int, default=D.steps, help="Budget: updates (counted from step 0 of the run)."),
+        click.option("--epochs", type=float, default=D.epochs, help="Budget: passes over the training split."),
+        click.option("--minutes", type=float, default=D.minutes,
+                     help="Budget: wall-clock minutes. Whichever budget comes first; none given: 10 minutes."),
+        click.option("--val-frac", type=float, default=D.val_frac, show_default=True, help="Tail share for validation."),
+        click.option("--eval-every", type=int, default=D.eval_every, show_default=True,
+                     help="Steps between validations and checkpoints."),
+        click.option("--patience", type=int, default=D.patience, show_default=True,
+                     help="Stop after N evaluations without improvement; 0 = never."),
+        click.option("--out", type=click.Path(file_okay=False), default=D.out, show_default=True,
+                     help="Run directory (last.ckpt, best.ckpt, metrics.jsonl)."),
+        click.option("--resume", type=click.Path(), default=None,
+                     help="Continue a run exactly (run directory or checkpoint)."),
+        click.option("--seed", type=int, default=D.seed, show_default=True),
+        click.option("--threads", type=int, default=D.threads, show_default=True, help="CPU threads; 0 = all cores."),
+        click.option("--bytes", "bytes_", is_flag=True, help="Byte vocabulary (any file, any encoding)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=D.device, show_default=True),
+        click.option("--quiet", is_flag=True, help="Print nothing but errors."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("corpus", nargs=-1, required=True)
+@_train_options
+@click.pass_context
+@_one_line_errors
+def train(ctx, corpus, resume, **options):
+    """Train a model on CORPUS: text files, a directory of them, `builtin`
+    or a registry name (see `charrnn corpora list`)."""
+    from .train import train as train_api
+    options["bytes"] = options.pop("bytes_")
+    if resume is not None:  # only what was given explicitly; the rest comes from the run
+        source = click.core.ParameterSource.COMMANDLINE
+        options = {k: v for k, v in options.items()
+                   if ctx.get_parameter_source("bytes_" if k == "bytes" else k) == source}
+    train_api(list(corpus), resume=resume, **options)
+
+
+# ----------------------------------------------------------------- corpora
+
+@main.group()
+def corpora():
+    """Built-in corpora and the registry of public ones."""
+
+
+@corpora.command("list")
+@_one_line_errors
+def corpora_list():
+    """Show the built-in corpora and the registry."""
+    from . import corpora as C
+    for name in C.builtin_names():
+        click.echo(f"{name:18} built-in    {C.builtin_description(name)}")
+    for name, e in C.registry().items():
+        size = f"{e['size'] / 1e6:.1f} MB"
+        click.echo(f"{name:18} {size:>9}   {e['description']} [{e['licence']}]")
+
+
+@corpora.command("fetch")
+@click.argument("name")
+@click.option("--dir", "dest", type=click.Path(file_okay=False), default=None,
+              help="Where to put it (default: the cache directory).")
+@_one_line_errors
+def corpora_fetch(name, dest):
+    """Download NAME, verify its sha256 and unpack it; print its path."""
+    from . import corpora as C
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=f"fetching {name}", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        path = C.fetch(name, dest, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The training loop: windows, validation, early stop, progress, metrics,
+checkpoints, exact resume and clean interruption."""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+from . import checkpoint as ckpt_io
+from . import corpora
+from .atomic import atomic_write
+from .data import Vocab, Windows, encode_files, split
+from .errors import CharrnnError
+from .model import Model
+from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
+
+LN2 = math.log(2)
+DEFAULT_MINUTES = 10.0
+EXPLODE_FACTOR = 3.0  # char-rnn stops when the loss passes 3x its first value
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training option, with its default (chosen by measurement on Tiny
+    Shakespeare, 2 CPU cores: see the README)."""
+    cell: str = "lstm"            # lstm | gru | rnn
+    hidden: int = 256             # units per layer
+    layers: int = 2
+    embed: int = 0                # 0: one-hot input, else embedding size
+    dropout: float = 0.0          # between layers, training only
+    nonlinearity: str = "tanh"    # rnn only: tanh | relu
+    seq_len: int = 50             # T: characters per window (BPTT length)
+    batch: int = 50               # B: parallel streams
+    lr: float = 2e-3
+    optimizer: str = "adam"       # adam | adamw | rmsprop | adagrad | sgd
+    momentum: float = 0.0         # rmsprop and sgd
+    weight_decay: float = 0.0
+    clip: float = 5.0             # global gradient-norm clip, 0 = off
+    schedule: str = "constant"    # constant | cosine | step
+    warmup: int = 0               # steps of linear warm-up
+    decay: float = 0.5            # step schedule: factor ...
+    decay_every: int = 0          # ... every this many steps (0: a third of the budget)
+    steps: int = None             # budget: whichever of steps/epochs/minutes comes first
+    epochs: float = None
+    minutes: float = None         # none of the three given: DEFAULT_MINUTES
+    val_frac: float = 0.05        # tail share held out for validation
+    eval_every: int = 250         # steps between validations and checkpoints
+    patience: int = 0             # stop after this many evals without improvement, 0 = off
+    out: str = "run"              # run directory
+    seed: int = 0
+    threads: int = 0              # 0: all cores
+    bytes: bool = False           # byte vocabulary instead of characters
+    device: str = "cpu"
+    quiet: bool = False
+
+    # a resumed run takes these from its checkpoint: they decide the numbers
+    FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
+                       "seq_len", "batch", "optimizer", "val_frac", "seed", "bytes")
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise CharrnnError(msg)
+        for name in ("hidden", "layers", "seq_len", "batch", "eval_every"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a whole number >= 1, not {v!r}")
+        for name in ("embed", "warmup", "patience", "threads", "decay_every", "seed"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a whole number >= 0, not {v!r}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, not {self.lr}")
+        need(0 <= self.clip and math.isfinite(self.clip), f"--clip must be >= 0, not {self.clip}")
+        need(0 < self.decay <= 1, f"--decay must be in (0, 1], not {self.decay}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
+        need(self.device in ("cpu", "cuda", "auto"), f"--device must be cpu, cuda or auto, not {self.device!r}")
+        need(self.device != "cuda", "--device cuda: this charrnn has no CUDA backend yet; use --device cpu")
+        for name in ("steps", "epochs", "minutes"):
+            v = getattr(self, name)
+            need(v is None or v > 0, f"--{name} must be > 0, not {v}")
+        need(0 < self.val_frac < 1, f"--val-frac must be in (0, 1), not {self.val_frac}")
+        if self.schedule == "cosine":
+            need(self.steps or self.epochs, "--schedule cosine needs --steps or --epochs to know where to end")
+
+
+class TrainingStopped(CharrnnError):
+    """Training ended early: interrupted (exit 130/143) or diverged (exit 1).
+    ``model`` holds the model as it was at the last good step."""
+
+    def __init__(self, message, exit_code, model=None):
+        super().__init__(message)
+        self.exit_code, self.model = exit_code, model
+
+
+def train(corpus, resume=None, **options):
+    """Train a model on ``corpus`` and return it (with ``model.vocab`` set).
+
+    ``corpus``: a path, a list of paths, a directory, a built-in corpus name
+    or a registry name (see ``charrnn.corpora``). ``options``: the fields of
+    ``TrainConfig``. ``resume``: a run directory or checkpoint to continue
+    exactly (model, data and optimizer options then come from it; passing a
+    different value for one of them is an error).
+
+    >>> model = charrnn.train("input.txt", hidden=128, steps=1000)  # doctest: +SKIP
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise CharrnnError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    saved = ckpt_io.load(resume, prefer="last") if resume is not None else None
+    if saved is not None and "out" not in options:  # continue in the same directory
+        options["out"] = str(ckpt_io.resolve(resume, prefer="last").parent)
+    cfg = _config(options, saved)
+    paths = [p for spec in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)
+             for p in corpora.resolve(str(spec))]
+    with _thread_limit(cfg.threads):
+        return _Run(cfg, paths, saved).loop()
+
+
+def _config(options, saved):
+    if saved is None:
+        cfg = TrainConfig(**options)
+    else:
+        kept = saved.meta.get("train", {})
+        for key in TrainConfig.FIXED_ON_RESUME:
+            if key in options and options[key] != kept.get(key):
+                raise CharrnnError(f"--{key.replace('_', '-')} {options[key]!r} differs from the "
+                                   f"resumed run's {kept.get(key)!r}; leave it out when resuming")
+        if {"steps", "epochs", "minutes"} & set(options):  # a new budget replaces the old
+            kept = {k: v for k, v in kept.items() if k not in ("steps", "epochs", "minutes")}
+        try:
+            cfg = TrainConfig(**{**kept, **options})
+        except TypeError as e:
+            raise CharrnnError(f"the checkpoint's training options are not readable: {e}") from None
+    if cfg.steps is None and cfg.epochs is None and cfg.minutes is None:
+        cfg.minutes = DEFAULT_MINUTES
+    cfg.validate()
+    return cfg
+
+
+@contextlib.contextmanager
+def _thread_limit(threads):
+    """Numba's and both BLAS pools' threads, set together (0: leave as is)."""
+    if not threads:
+        yield
+        return
+    import numba
+    from threadpoolctl import threadpool_limits
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def evaluate(model, windows):
+    """Mean loss (nats/char) over all windows, state carried, no updates."""
+    state, total = None, 0.0
+    for k in range(len(windows)):
+        loss, state = model.loss(*windows[k], state)
+        total += loss
+    return total / len(windows)
+
+
+class _Stop:
+    """Signal handlers that ask the loop to stop at the next step boundary, so
+    that a checkpoint never holds half an update. A second Ctrl-C is a hard
+    KeyboardInterrupt."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class _Run:
+    def __init__(self, cfg, paths, saved):
+        self.cfg, self.paths, self.out = cfg, paths, Path(cfg.out)
+        vocab = saved.vocab if saved else Vocab.from_files(paths, "bytes" if cfg.bytes else "chars")
+        try:
+            ids = encode_files(paths, vocab)
+        except CharrnnError as e:
+            raise CharrnnError(f"the corpus does not fit the resumed run's vocabulary: {e}") from None
+        if saved and ids.size != saved.meta["progress"]["corpus_chars"]:
+            raise CharrnnError(f"the corpus has {ids.size} characters, the resumed run was trained on "
+                               f"{saved.meta['progress']['corpus_chars']}: resume needs the same corpus")
+        self.corpus_chars = ids.size
+        train_ids, val_ids = split(ids, cfg.val_frac)
+        self.train_windows = self._windows(train_ids, "training")
+        self.val_windows = self._windows(val_ids, "validation")
+        self._check_writable()
+
+        if saved:
+            self.model = saved.model()
+        else:
+            self.model = Model(len(vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
+                               embed=cfg.embed, dropout=cfg.dropout, seed=cfg.seed,
+                               nonlinearity=cfg.nonlinearity)
+            self.model.vocab = vocab
+        self.opt = Optimizer(cfg.optimizer, self.model.params, self.model.grads,
+                             cfg.momentum, cfg.weight_decay)
+        n = len(self.train_windows)
+        budget = [cfg.steps] if cfg.steps else []
+        if cfg.epochs:
+            budget.append(math.ceil(cfg.epochs * n))
+        self.max_steps = min(budget) if budget else None
+        self.decay_every = cfg.decay_every or max(1, (self.max_steps or 3 * n) // 3)
+        p = saved.meta["progress"] if saved else {}
+        self.step = p.get("step", 0)
+        self.best_val = p.get("best_val", math.inf)
+        self.bad_evals = p.get("bad_evals", 0)
+        self.first_loss = p.get("first_loss")
+        self.loss_sum, self.loss_count = p.get("loss_sum", 0.0), p.get("loss_count", 0)
+        self.elapsed0 = p.get("elapsed_s", 0.0)
+        self.metrics = saved.meta.get("metrics", []) if saved else []
+        self.state = (saved.state or None) if saved else None
+        self.lr = learning_rate(self.step, cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
+                                self.decay_every, cfg.decay)
+        if saved:
+            self.opt.load_state_dict(saved.optim)
+            self.model._rng.bit_generator.state = p["rng"]
+        self.report = _Reporter(cfg.quiet, self.max_steps, cfg.minutes)
+        self._write_metrics_file()
+
+    def _windows(self, ids, which):
+        cfg = self.cfg
+        try:
+            return Windows(ids, cfg.batch, cfg.seq_len)
+        except CharrnnError:
+            fits = max(0, (len(ids) - 1) // cfg.seq_len)
+            raise CharrnnError(
+                f"the {which} split has {len(ids)} characters, too few for --batch {cfg.batch} x "
+                f"--seq-len {cfg.seq_len} (needs {cfg.batch * cfg.seq_len + 1}); "
+                f"at this --seq-len at most --batch {fits} fits, or use a longer corpus"
+                + (" or a larger --val-frac" if which == "validation" else "")) from None
+
+    def _check_writable(self):
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CharrnnError(f"cannot write to the output directory {self.out}: {e.strerror or e}") from None
+
+    # ------------------------------------------------------------- loop
+    def loop(self):
+        cfg, n = self.cfg, len(self.train_windows)
+        self.t0 = time.perf_counter()
+        self.mark = (self.t0, self.step)
+        self.report.start(self)
+        with _Stop() as stop:
+            while not self._budget_spent():
+                if stop.signum is not None:
+                    self._save("last")
+                    code = 128 + stop.signum
+                    raise TrainingStopped(
+                        f"interrupted at step {self.step}; continue with: charrnn train "
+                        f"{' '.join(map(str, self.paths))} --resume {self.out}", code, self.model)
+                k = self.step % n
+                if k == 0:
+                    self.state = None  # a new epoch starts each stream afresh
+                loss, _, state = self.model.loss_and_grads(*self.train_windows[k], self.state)
+                self._check_loss(loss)
+                lr = learning_rate(self.step, cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
+                                   self.decay_every, cfg.decay)
+                self.opt.step(lr, cfg.clip)
+                self.state, self.lr = state, lr
+                self.step += 1
+                self.loss_sum += loss
+                self.loss_count += 1
+                if self.step % cfg.eval_every == 0:
+                    self._eval()
+                self.report.tick(self, loss)
+            if self.loss_count:
+                self._eval()
+        self.report.finish(self)
+        return self.model
+
+    def _elapsed(self):
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+    def _budget_spent(self):
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return True
+        if self.cfg.minutes is not None and self._elapsed() >= self.cfg.minutes * 60:
+            return True
+        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+
+    def _check_loss(self, loss):
+        if self.first_loss is None:
+            self.first_loss = loss
+        if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
+            last = self.out / f"last{ckpt_io.SUFFIX}"
+            kept = (f"the last good checkpoint is {last}" if last.exists()
+                    else "no checkpoint was written yet")
+            raise TrainingStopped(
+                f"training diverged at step {self.step}: loss {loss:.4g} (it started at "
+                f"{self.first_loss:.4g}); {kept}; try a lower --lr (now {self.cfg.lr:g}) "
+                f"or a --clip (now {self.cfg.clip:g})", 1)
+
+    def _eval(self):
+        val = evaluate(self.model, self.val_windows)
+        now = time.perf_counter()
+        rate = (self.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
+        self.mark = (now, self.step)
+        row = {"step": self.step, "epoch": round(self.step / len(self.train_windows), 4),
+               "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
+               "val_loss": val, "val_bpc": val / LN2, "lr": self.lr,
+               "chars_per_s": round(rate, 1), "elapsed_s": round(self._elapsed(), 3)}
+        self.metrics.append(row)
+        self.loss_sum, self.loss_count = 0.0, 0
+        improved = val < self.best_val
+        if improved:
+            self.best_val, self.bad_evals = val, 0
+        else:
+            self.bad_evals += 1
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self._save("last")
+        if improved:
+            self._save("best")
+        self.report.eval(self, row, improved)
+
+    def _write_metrics_file(self):
+        """metrics.jsonl as the checkpoint knows it (a resume drops lines
+        logged after the checkpoint it continues from)."""
+        with atomic_write(self.out / "metrics.jsonl") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.metrics).encode("utf-8"))
+
+    def _save(self, name):
+        model, cfg = self.model, self.cfg
+        progress = {"step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                    "first_loss": self.first_loss, "loss_sum": self.loss_sum,
+                    "loss_count": self.loss_count, "elapsed_s": self._elapsed(),
+                    "corpus_chars": self.corpus_chars, "rng": model._rng.bit_generator.state}
+        train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()}
+        meta = {"model": model.config, "vocab": model.vocab.to_dict(), "train": train_cfg,
+                "progress": progress, "metrics": self.metrics}
+        ckpt_io.save(self.out / f"{name}{ckpt_io.SUFFIX}",
+                     ckpt_io.Checkpoint(meta, model.state_dict(), self.opt.state_dict(),
+                                        self.state or ()))
+
+
+def _fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Reporter:
+    """What a person sees: a live status line on a terminal, plain lines at
+    every evaluation otherwise, nothing with ``quiet``. Writes to stderr."""
+
+    def __init__(self, quiet, max_steps, minutes):
+        self.quiet, self.max_steps, self.minutes = quiet, max_steps, minutes
+        self.live = not quiet and sys.stderr.isatty()
+        self.last_draw = 0.0
+        self.last_val = None
+
+    def _print(self, line):
+        if self.live:
+            line = "\r\033[K" + line
+        print(line, file=sys.stderr, flush=True)
+
+    def start(self, run):
+        if self.quiet:
+            return
+        m, c = run.model, run.cfg
+        self._print(f"charrnn: {c.cell} {c.layers}x{c.hidden}, {m.num_params:,} parameters, "
+                    f"vocabulary {len(m.vocab)}, {run.corpus_chars:,} characters "
+                    f"({len(run.train_windows)} windows of {c.batch}x{c.seq_len} per epoch), "
+                    f"writing to {run.out}")
+
+    def _eta(self, run):
+        left = []
+        rate = (run.step - run.mark[1]) / max(time.perf_counter() - run.mark[0], 1e-9)
+        if self.max_steps and rate > 0:
+            left.append((self.max_steps - run.step) / rate)
+        if self.minutes:
+            left.append(self.minutes * 60 - run._elapsed())
+        return f" | ETA {_fmt_time(max(0, min(left)))}" if left else ""
+
+    def tick(self, run, loss):
+        now = time.perf_counter()
+        if not self.live or now - self.last_draw < 0.25:
+            return
+        self.last_draw = now
+        steps = f"{run.step}/{self.max_steps}" if self.max_steps else f"{run.step}"
+        val = f" | val {self.last_val:.4f} ({self.last_val / LN2:.3f} bpc)" if self.last_val else ""
+        rate = (run.step - run.mark[1]) * run.cfg.batch * run.cfg.seq_len / max(now - run.mark[0], 1e-9)
+        print(f"\r\033[Kstep {steps} (epoch {run.step / len(run.train_windows):.2f}) | "
+              f"loss {loss:.4f}{val} | {rate / 1e3:.1f}k chars/s{self._eta(run)}",
+              end="", file=sys.stderr, flush=True)
+
+    def eval(self, run, row, improved):
+        self.last_val = row["val_loss"]
+        if self.quiet:
+            return
+        train = f"train {row['train_loss']:.4f}" if row["train_loss"] is not None else "train -"
+        self._print(f"step {row['step']} (epoch {row['epoch']:.2f}) | {train} | val "
+                    f"{row['val_loss']:.4f} nats, {row['val_bpc']:.3f} bpc{' *' if improved else ''} | "
+                    f"{row['chars_per_s'] / 1e3:.1f}k chars/s | {_fmt_time(row['elapsed_s'])}")
+
+    def finish(self, run):
+        if not self.quiet:
+            self._print(f"done: step {run.step}, best val {run.best_val:.4f} nats "
+                        f"({run.best_val / LN2:.3f} bpc); checkpoints in {run.out}")
