@@ -49,7 +49,7 @@ class Checkpoint:
 
 def save(path, ckpt):
     """Write ``ckpt`` to ``path`` atomically (temp file, fsync, rename)."""
-    meta = {"format": FORMAT, "version": VERSION, **ckpt.meta}
+    meta = {**ckpt.meta, "format": FORMAT, "version": VERSION}
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
     arrays.update({f"param/{k}": v for k, v in ckpt.params.items()})
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in ckpt.optim.items()})

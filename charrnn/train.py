@@ -63,6 +63,9 @@ class TrainConfig:
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
                        "seq_len", "batch", "optimizer", "val_frac", "seed", "bytes")
 
+    def __post_init__(self):
+        self.out = os.fspath(self.out)  # a Path is welcome; checkpoints store JSON
+
     def validate(self):
         def need(ok, msg):
             if not ok:
@@ -196,6 +199,7 @@ class _Stop:
 class _Run:
     def __init__(self, cfg, paths, saved):
         self.cfg, self.paths, self.out = cfg, paths, Path(cfg.out)
+        self._check_writable()  # before the slow part: fail fast
         vocab = saved.vocab if saved else Vocab.from_files(paths, "bytes" if cfg.bytes else "chars")
         try:
             ids = encode_files(paths, vocab)
@@ -208,7 +212,6 @@ class _Run:
         train_ids, val_ids = split(ids, cfg.val_frac)
         self.train_windows = self._windows(train_ids, "training")
         self.val_windows = self._windows(val_ids, "validation")
-        self._check_writable()
 
         if saved:
             self.model = saved.model()

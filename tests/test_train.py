@@ -1,0 +1,235 @@
+"""Training: budgets, metrics, checkpoints, exact resume, interruption and
+bad input. Tiny models so that the whole file runs in seconds."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import charrnn
+from charrnn import checkpoint
+from charrnn.cli import main
+from charrnn.errors import CharrnnError
+from charrnn.train import TrainingStopped, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden=16, layers=2, batch=4, seq_len=8, eval_every=5, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    words = ["the", "king", "queen", "of", "and", "to", "my", "lord", "shall", "thou", "ROMEO:",
+             "JULIET:", "love", "night", "day", "hath", "be", "not", "is", "it"]
+    rng = np.random.default_rng(0)
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 1500)) + "\n"
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
+
+
+def test_training_lowers_the_validation_loss(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=60, **TINY)
+    rows = losses(tmp_path)
+    assert rows[-1][2] < rows[0][2] - 0.3
+
+
+def test_metrics_lines_carry_every_field(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=10, **TINY)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row) >= {"step", "epoch", "train_loss", "val_loss", "val_bpc", "lr",
+                        "chars_per_s", "elapsed_s"}
+    assert row["val_bpc"] == pytest.approx(row["val_loss"] / np.log(2))
+
+
+def test_same_seed_gives_the_same_losses(corpus, tmp_path):
+    train(corpus, out=tmp_path / "a", steps=15, dropout=0.2, **TINY)
+    train(corpus, out=tmp_path / "b", steps=15, dropout=0.2, **TINY)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_resume_continues_bit_identically(corpus, tmp_path, optimizer):
+    # dropout exercises the RNG state; 40 steps cross an epoch border; the step
+    # schedule has a fixed period (a cosine spans the budget, which resuming extends)
+    opts = dict(TINY, dropout=0.2, optimizer=optimizer, momentum=0.5 if optimizer == "rmsprop" else 0.0,
+                schedule="step", decay_every=7, warmup=3)
+    train(corpus, out=tmp_path / "whole", steps=40, **opts)
+    train(corpus, out=tmp_path / "split", steps=20, **opts)
+    train(corpus, resume=tmp_path / "split", steps=40, quiet=True)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    whole = checkpoint.load(tmp_path / "whole", prefer="last")
+    split = checkpoint.load(tmp_path / "split", prefer="last")
+    assert all(np.array_equal(whole.params[k], split.params[k]) for k in whole.params)
+
+
+def test_best_checkpoint_holds_the_lowest_validation_loss(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=30, **TINY)
+    best = checkpoint.load(tmp_path, prefer="best")
+    assert best.meta["progress"]["best_val"] == min(v for _, _, v in losses(tmp_path))
+
+
+def test_patience_stops_early(corpus, tmp_path):
+    # an lr too small to change a float32 weight: validation never improves
+    train(corpus, out=tmp_path, steps=400, patience=2, lr=1e-12, **TINY)
+    assert [step for step, _, _ in losses(tmp_path)] == [5, 10, 15]
+
+
+def test_epochs_budget_counts_passes_over_the_training_split(corpus, tmp_path):
+    train(corpus, out=tmp_path, epochs=1, **TINY)
+    assert losses(tmp_path)[-1][0] == len(charrnn.data.Windows(
+        np.zeros(int(len(corpus.read_text()) * 0.95)), 4, 8))
+
+
+def test_divergence_stops_with_a_hint_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=5, **TINY)
+    before = (tmp_path / "last.ckpt").read_bytes()
+    with pytest.raises(TrainingStopped, match=r"diverged.*--lr"):
+        train(corpus, resume=tmp_path, steps=500, lr=1e4, quiet=True)
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+
+
+def test_resume_refuses_a_different_model_option(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=5, **TINY)
+    with pytest.raises(CharrnnError, match="--hidden 32 differs"):
+        train(corpus, resume=tmp_path, hidden=32)
+
+
+def test_resume_refuses_a_corpus_outside_the_vocabulary(corpus, tmp_path):
+    train(corpus, out=tmp_path / "run", steps=5, **TINY)
+    other = tmp_path / "other.txt"
+    other.write_text("zzz ☃ xyz " * 500)
+    with pytest.raises(CharrnnError, match="vocabulary"):
+        train(other, resume=tmp_path / "run", steps=10)
+
+
+def test_a_directory_corpus_is_its_files_in_sorted_order(corpus, tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    text = corpus.read_text()
+    (d / "b.txt").write_text(text[len(text) // 2:])
+    (d / "a.txt").write_text(text[:len(text) // 2])
+    train(d, out=tmp_path / "dir", steps=5, **TINY)
+    train(corpus, out=tmp_path / "file", steps=5, **TINY)
+    assert losses(tmp_path / "dir") == losses(tmp_path / "file")
+
+
+# ------------------------------------------------------------ checkpoints
+
+def test_checkpoint_loads_without_pickle_and_carries_a_version(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=5, **TINY)
+    with np.load(tmp_path / "last.ckpt", allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+    assert meta["format"] == "charrnn-checkpoint" and meta["version"] == checkpoint.VERSION
+    assert {"model", "vocab", "train", "progress", "metrics"} <= set(meta)
+
+
+def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
+    train(corpus, out=tmp_path, steps=5, **TINY)
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CharrnnError, match="not a readable charrnn checkpoint"):
+        checkpoint.load(tmp_path / "cut.ckpt")
+
+
+def test_foreign_npz_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    with pytest.raises(CharrnnError, match="not a readable charrnn checkpoint"):
+        checkpoint.load(tmp_path / "x.npz")
+
+
+def test_newer_checkpoint_version_asks_for_an_upgrade(corpus, tmp_path, monkeypatch):
+    train(corpus, out=tmp_path, steps=5, **TINY)
+    ck = checkpoint.load(tmp_path)
+    monkeypatch.setattr(checkpoint, "VERSION", 99)
+    checkpoint.save(tmp_path / "new.ckpt", ck)
+    monkeypatch.undo()
+    with pytest.raises(CharrnnError, match="upgrade"):
+        checkpoint.load(tmp_path / "new.ckpt")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    train(corpus, out=tmp_path, steps=5, **TINY)
+    before = (tmp_path / "last.ckpt").read_bytes()
+
+    def disk_full(f, **arrays):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(CharrnnError, match="disk is full"):
+        checkpoint.save(tmp_path / "last.ckpt", checkpoint.load(tmp_path))
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "metrics.jsonl"]
+
+
+# -------------------------------------------------------------------- CLI
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("make,args,match", [
+    (lambda d: None, [], "no such file|neither a file"),
+    (lambda d: (d / "c.txt").write_text(""), [], "empty"),
+    (lambda d: (d / "c.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe"), [], "--bytes"),
+    (lambda d: (d / "c.txt").write_text("short text"), [], "too few"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--lr", "-1"], "--lr must be"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--hidden", "0"], "--hidden must be"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--val-frac", "1.5"], "--val-frac"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--schedule", "cosine"], "needs --steps"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--resume", "nowhere"], "no such checkpoint"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "CUDA"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, make, args, match):
+    import re
+    make(tmp_path)
+    r = run_cli("train", tmp_path / "c.txt", "--out", tmp_path / "run", *args)
+    assert r.exit_code == 1
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+    assert re.search(match, r.output), r.output
+
+
+def test_unwritable_output_directory_is_an_error(corpus, tmp_path):
+    (tmp_path / "file").write_text("")
+    r = run_cli("train", corpus, "--out", tmp_path / "file" / "run", "--steps", 3, "--hidden", 8)
+    assert r.exit_code == 1 and "cannot write to the output directory" in r.output
+
+
+def test_quiet_prints_nothing(corpus, tmp_path):
+    r = run_cli("train", corpus, "--out", tmp_path, "--steps", 5, "--hidden", 8, "--batch", 4,
+                "--seq-len", 8, "--quiet")
+    assert r.exit_code == 0 and r.output == ""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_last_and_resume_matches_an_uninterrupted_run(corpus, tmp_path, sig, code):
+    args = ["--hidden", 16, "--batch", 4, "--seq-len", 8, "--eval-every", 5, "--dropout", 0.2]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", str(corpus), "--out",
+                             str(tmp_path / "run"), "--steps", "100000", *map(str, args)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "--resume" in err.strip().splitlines()[-1]
+    stopped_at = checkpoint.load(tmp_path / "run", prefer="last").meta["progress"]["step"]
+    total = stopped_at + 7
+    r = run_cli("train", corpus, "--resume", tmp_path / "run", "--steps", total, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = run_cli("train", corpus, "--out", tmp_path / "whole", "--steps", total, "--quiet", *args)
+    assert r.exit_code == 0, r.output
+    assert losses(tmp_path / "run") == losses(tmp_path / "whole")
