@@ -58,6 +58,14 @@ def save(path, ckpt):
         np.savez(f, **arrays)
 
 
+def save_model(path, model):
+    """A checkpoint of just a model and its vocabulary (no training state)."""
+    if model.vocab is None:
+        raise CharrnnError("this model has no vocabulary to save with it")
+    save(path, Checkpoint({"model": model.config, "vocab": model.vocab.to_dict()},
+                          model.state_dict()))
+
+
 def resolve(path, prefer="best"):
     """A checkpoint file, or a run directory's ``best`` (or ``last``) one."""
     path = Path(path)

@@ -113,6 +113,105 @@ def train(ctx, corpus, resume, **options):
     train_api(list(corpus), resume=resume, **options)
 
 
+# ---------------------------------------------------- sample / eval / info
+
+def _load(path):
+    from .checkpoint import load
+    ckpt = load(path, prefer="best")
+    return ckpt, ckpt.model()
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--temp", "temperature", type=float, default=1.0, show_default=True,
+              help="Temperature; 0 = always the most likely character.")
+@click.option("--top-k", type=int, default=None, help="Draw only from the K most likely characters.")
+@click.option("--top-p", type=float, default=None, help="Draw only from the nucleus of mass P.")
+@click.option("--length", type=int, default=1000, show_default=True, help="Characters to generate.")
+@click.option("--prime", default="", help="Text to start from (printed first).")
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--num", type=int, default=1, show_default=True, help="Independent samples, generated as one batch.")
+@click.option("--stop", default=None, help="End a sample when it produces this string.")
+@click.option("--beam", type=int, default=0, help="Beam search of this width for the most likely continuation.")
+@_one_line_errors
+def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop, beam):
+    """Generate text from CHECKPOINT (a .ckpt file, or a run directory: its best)."""
+    from . import generate as G
+    _, model = _load(checkpoint)
+    out = sys.stdout
+    if beam:
+        out.write(G.beam_search(model, length, prime, beam) + "\n")
+        return
+    rule = "\n" + "-" * 40 + "\n"
+    if num == 1:  # stream as it is produced
+        for pieces in G.generate(model, length, temperature, prime, top_k, top_p, seed, 1, stop):
+            out.write(pieces[0])
+            out.flush()
+        out.write("\n")
+        return
+    texts = G.sample(model, length, temperature, prime, top_k, top_p, seed, num, stop)
+    out.write(rule.join(texts) + "\n")
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("file", type=click.Path())
+@click.option("--skip-unknown", is_flag=True, help="Skip characters outside the vocabulary (counted).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_one_line_errors
+def eval_(checkpoint, file, skip_unknown, as_json):
+    """Bits per character of FILE under CHECKPOINT, the state carried over the whole file."""
+    import json
+    from .generate import evaluate
+    _, model = _load(checkpoint)
+    try:
+        raw = open(file, "rb").read()
+    except OSError as e:
+        raise CharrnnError(f"cannot read {file}: {e.strerror or e}") from None
+    if model.vocab.mode == "chars":
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CharrnnError(f"{file} is not valid UTF-8 text (byte {e.start})") from None
+    r = evaluate(model, raw, skip_unknown=skip_unknown)
+    if as_json:
+        click.echo(json.dumps({"file": str(file), **r}))
+    else:
+        skipped = f", {r['skipped']} unknown skipped" if skip_unknown else ""
+        click.echo(f"{r['bpc']:.4f} bits/char, perplexity {r['perplexity']:.3f}, "
+                   f"{r['nats']:.4f} nats/char over {r['chars']:,} characters{skipped}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_one_line_errors
+def info(checkpoint, as_json):
+    """Describe CHECKPOINT: model, vocabulary, training progress, format."""
+    import json
+    import math
+    ckpt, model = _load(checkpoint)
+    p = ckpt.meta.get("progress", {})
+    best = p.get("best_val")
+    d = {"path": str(checkpoint), "format_version": ckpt.meta["version"], **model.config,
+         "parameters": model.num_params, "vocab_size": len(model.vocab),
+         "vocab_mode": model.vocab.mode, "vocab_preview": model.vocab.preview(),
+         "step": p.get("step"),
+         "best_val_bpc": best / math.log(2) if best is not None and math.isfinite(best) else None}
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    c = model.config
+    click.echo(f"{c['cell']} {c['layers']}x{c['hidden']}, "
+               f"{'embedding ' + str(c['embed']) if c['embed'] else 'one-hot input'}, "
+               f"dropout {c['dropout']}, {d['parameters']:,} parameters")
+    click.echo(f"vocabulary: {d['vocab_size']} {d['vocab_mode']}: {d['vocab_preview']!r}")
+    if d["step"] is not None:
+        bpc = f"{d['best_val_bpc']:.4f}" if d["best_val_bpc"] is not None else "-"
+        click.echo(f"training: step {d['step']}, best validation {bpc} bits/char")
+    click.echo(f"checkpoint format version {d['format_version']}")
+
+
 # ----------------------------------------------------------------- corpora
 
 @main.group()

@@ -66,6 +66,7 @@ class Model:
         self._rng = np.random.default_rng(seed)      # init, then dropout masks
         self._init_weights()
         self._workspaces = {}
+        self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
     # ------------------------------------------------------------ layout
     def _param_shapes(self):
@@ -159,6 +160,33 @@ class Model:
                                         1.0 / (ws.B * ws.T))
         self._run_backward(ws)
         return total / (ws.B * ws.T), self._g, self._state_out(ws)
+
+    # ------------------------------------------------------------ text
+    # Thin delegates to charrnn.generate (imported here, at call time, since
+    # it builds on this module).
+    def sample(self, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None):
+        """``length`` new characters after ``prime`` (the result starts with
+        ``prime``). ``temperature`` 0 is argmax; ``top_k`` / ``top_p``
+        restrict the draw to the k most likely / the nucleus of mass p; the
+        same ``seed`` gives the same text."""
+        from .generate import sample
+        return sample(self, length, temperature, prime, top_k, top_p, seed)[0]
+
+    def generate(self, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None):
+        """``sample`` as an iterator of characters, produced as it runs."""
+        from .generate import generate
+        for pieces in generate(self, length, temperature, prime, top_k, top_p, seed):
+            yield from pieces[0]
+
+    def evaluate(self, text):
+        """Bits per character of ``text``, the state carried over all of it."""
+        from .generate import evaluate
+        return evaluate(self, text)["bpc"]
+
+    def save(self, path):
+        """Write a checkpoint holding this model and its vocabulary."""
+        from .checkpoint import save_model
+        save_model(path, self)
 
     # ------------------------------------------------------------ internals
     def _workspace(self, B, T):

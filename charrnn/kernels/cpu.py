@@ -407,3 +407,101 @@ def sgd_update(p, g, buf, lr, momentum, wd, scale):
             buf[k] = mu * buf[k] + gk
             gk = buf[k]
         p[k] -= lr32 * gk
+
+
+# ---------------------------------------------------------------- generation
+# The whole model for one time step of S streams, reading its weights from
+# the flat parameter buffer: ``offsets[k] = (w_ih, w_hh, b_ih, b_hh)`` start
+# indices of layer k; ``enc_off`` is -1 for one-hot input, whose projection
+# reads ``w_ih0_t`` (= weight_ih_l0.T) instead.
+
+@njit(**_JIT)
+def model_step(cell, params, offsets, enc_off, dec_off, V, H, E, w_ih0_t, ids,
+               hs, cs, logits, xp, gates, hn, gh, emb, zero_e):
+    """Feed ids [S] (one character per stream) and write next-char logits [S,V].
+
+    hs, cs [L,2,S,H]: per layer, [0] is the state in, [1] the state out,
+    which is then copied to [0] for the next step.
+    """
+    L, GH = hs.shape[0], xp.shape[2]
+    for k in range(L):
+        o = offsets[k]
+        inp = (E if enc_off >= 0 else V) if k == 0 else H
+        w_ih = params[o[0]:o[0] + GH * inp].reshape(GH, inp)
+        w_hh = params[o[1]:o[1] + GH * H].reshape(GH, H)
+        b_ih = params[o[2]:o[2] + GH]
+        b_hh = params[o[3]:o[3] + GH]
+        if k == 0 and enc_off < 0:
+            embedding_forward(xp[0], w_ih0_t, ids, b_ih)
+        elif k == 0:
+            embedding_forward(emb, params[enc_off:enc_off + V * E].reshape(V, E), ids, zero_e)
+            linear_forward(xp[0], emb, w_ih, b_ih)
+        else:
+            linear_forward(xp[0], hs[k - 1, 1], w_ih, b_ih)
+        recurrent_forward(cell, xp, w_hh, b_hh, hs[k], cs[k], gates, hn, gh)
+    for k in range(L):
+        hs[k, 0] = hs[k, 1]
+        cs[k, 0] = cs[k, 1]
+    linear_forward(logits, hs[L - 1, 1],
+                   params[dec_off:dec_off + V * H].reshape(V, H),
+                   params[dec_off + V * H:dec_off + V * H + V])
+
+
+@njit(**_JIT)
+def pick_token(logits, probs, temperature, top_k, top_p, u):
+    """Draw one id from softmax(logits / temperature), restricted to the
+    top_k most likely (0: all) and to the smallest set whose probability
+    reaches top_p (1: all); u is a uniform [0,1) number. temperature 0
+    means argmax."""
+    V = logits.shape[0]
+    best = 0
+    for v in range(1, V):
+        if logits[v] > logits[best]:
+            best = v
+    if temperature == 0:
+        return best
+    m = logits[best]
+    inv_t = 1.0 / temperature
+    for v in range(V):
+        probs[v] = np.exp((logits[v] - m) * inv_t)
+    if (0 < top_k < V) or top_p < 1.0:
+        order = np.argsort(-probs)
+        total = 0.0
+        for v in range(V):
+            total += probs[v]
+        mass = 0.0
+        for r in range(V):
+            v = order[r]
+            if (top_k > 0 and r >= top_k) or mass >= top_p * total:
+                probs[v] = 0
+            else:
+                mass += probs[v]
+    total = 0.0
+    for v in range(V):
+        total += probs[v]
+    target = u * total
+    acc = 0.0
+    last = best
+    for v in range(V):
+        if probs[v] > 0:
+            acc += probs[v]
+            last = v
+            if acc > target:
+                return v
+    return last
+
+
+@njit(**_JIT)
+def generate(cell, params, offsets, enc_off, dec_off, V, H, E, w_ih0_t, hs, cs, logits,
+             uniforms, temperature, top_k, top_p, out,
+             ids, probs, xp, gates, hn, gh, emb, zero_e):
+    """Sample out[n, s] for n < N: draw from logits (the distribution of the
+    next character), then feed the drawn characters to get the next logits.
+    The loop over characters runs here, not in Python."""
+    N, S = out.shape
+    for n in range(N):
+        for s in range(S):
+            ids[s] = pick_token(logits[s], probs[s], temperature, top_k, top_p, uniforms[n, s])
+            out[n, s] = ids[s]
+        model_step(cell, params, offsets, enc_off, dec_off, V, H, E, w_ih0_t, ids,
+                   hs, cs, logits, xp, gates, hn, gh, emb, zero_e)

@@ -1,0 +1,217 @@
+"""Sampling, beam search and evaluation in bits per character."""
+import codecs
+import math
+
+import numpy as np
+
+from .errors import CharrnnError
+from .kernels import cpu as K
+from .model import CELLS
+
+CHUNK = 256  # characters per Numba call while streaming
+
+
+def _check_sampling(length, temperature, top_k, top_p):
+    if not isinstance(length, (int, np.integer)) or length < 0:
+        raise CharrnnError(f"length must be a whole number >= 0, not {length!r}")
+    if not temperature >= 0 or not math.isfinite(temperature):
+        raise CharrnnError(f"temperature must be >= 0, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise CharrnnError(f"top-k must be >= 1, not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise CharrnnError(f"top-p must be in (0, 1], not {top_p}")
+
+
+def _vocab(model):
+    if model.vocab is None:
+        raise CharrnnError("this model has no vocabulary: load it from a checkpoint or train it")
+    return model.vocab
+
+
+class _Streams:
+    """The buffers for stepping S streams one character at a time."""
+
+    def __init__(self, model, S):
+        c, dt = model.config, model.dtype
+        V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"] or 0
+        GH = CELLS[c["cell"]] * H
+        self.model, self.S = model, S
+        names = list(model._shapes)
+        starts = np.cumsum([0] + [int(np.prod(s)) for s in model._shapes.values()])
+        off = dict(zip(names, starts[:-1]))
+        self.offsets = np.array([[off[f"rnn.{w}_l{k}"] for w in ("weight_ih", "weight_hh", "bias_ih",
+                                                                 "bias_hh")] for k in range(L)],
+                                dtype=np.int64)
+        self.enc_off = int(off.get("encoder.weight", -1))
+        self.dec_off = int(off["decoder.weight"])
+        self.dims = (V, H, E)
+        self.w_ih0_t = (np.ascontiguousarray(model._p["rnn.weight_ih_l0"].T) if not E
+                        else np.zeros((1, 1), dt))
+        self.hs = np.zeros((L, 2, S, H), dt)
+        self.cs = np.zeros((L, 2, S, H), dt)
+        self.logits = np.zeros((S, V), dt)
+        self.ids = np.zeros(S, np.int32)
+        self.probs = np.zeros((S, V), dt)
+        self.xp = np.zeros((1, S, GH), dt)
+        self.gates = np.zeros((1, S, GH), dt)
+        self.hn = np.zeros((1, S, H), dt)
+        self.gh = np.zeros((S, GH), dt)
+        self.emb = np.zeros((S, max(E, 1)), dt)
+        self.zero_e = np.zeros(max(E, 1), dt)
+
+    def _args(self):
+        m = self.model
+        return (m._cell_id, m.params, self.offsets, self.enc_off, self.dec_off, *self.dims,
+                self.w_ih0_t)
+
+    def feed(self, prime_ids):
+        """Run the prime through the model (one batched pass); afterwards
+        ``logits`` predicts the character after it. No prime: uniform."""
+        if len(prime_ids) == 0:
+            self.logits[:] = 0
+            return
+        x = np.tile(np.asarray(prime_ids, dtype=np.int32), (self.S, 1))
+        logits, state = self.model.forward(x)
+        self.logits[:] = logits[:, -1]
+        self.hs[:, 0] = state[0]
+        if len(state) == 2:
+            self.cs[:, 0] = state[1]
+
+    def step(self, ids):
+        self.ids[:] = ids
+        K.model_step(*self._args(), self.ids, self.hs, self.cs, self.logits, self.xp,
+                     self.gates, self.hn, self.gh, self.emb, self.zero_e)
+
+    def sample(self, n, uniforms, temperature, top_k, top_p):
+        out = np.zeros((n, self.S), np.int32)
+        K.generate(*self._args(), self.hs, self.cs, self.logits, uniforms, float(temperature),
+                   int(top_k or 0), float(1.0 if top_p is None else top_p), out, self.ids,
+                   self.probs, self.xp, self.gates, self.hn, self.gh, self.emb, self.zero_e)
+        return out
+
+
+def _prime_ids(vocab, prime):
+    if not prime:
+        return np.zeros(0, np.int32)
+    try:
+        return vocab.encode(prime)
+    except CharrnnError as e:
+        raise CharrnnError(f"the prime has {str(e)[0].lower()}{str(e)[1:]}") from None
+
+
+def generate(model, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None,
+             num=1, stop=None):
+    """Yield, chunk by chunk, a list of ``num`` text pieces (one per sample).
+
+    The first pieces are the prime itself, as char-rnn prints it. A sample
+    that produced ``stop`` ends there (its later pieces are empty); all end
+    when every sample has stopped or reached ``length`` new characters.
+    Bytes-mode models give text decoded as UTF-8, invalid bytes replaced.
+    """
+    _check_sampling(length, temperature, top_k, top_p)
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise CharrnnError(f"num must be a whole number >= 1, not {num!r}")
+    vocab = _vocab(model)
+    streams = _Streams(model, num)
+    prime_ids = _prime_ids(vocab, prime)
+    streams.feed(prime_ids)
+    rng = np.random.default_rng(seed)
+    decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(num)]
+    text = lambda s, ids: (decoders[s].decode(vocab.decode(ids)) if vocab.mode == "bytes"  # noqa: E731
+                           else vocab.decode(ids))
+    tails = [""] * num  # the last len(stop)-1 characters, to find stop across chunks
+    done = [False] * num
+    if len(prime_ids):
+        yield [text(s, prime_ids) for s in range(num)]
+    left = length
+    while left > 0 and not all(done):
+        n = min(CHUNK, left)
+        out = streams.sample(n, rng.random((n, num)), temperature, top_k, top_p)
+        left -= n
+        pieces = []
+        for s in range(num):
+            piece = "" if done[s] else text(s, out[:, s])
+            if stop and piece:
+                joined = tails[s] + piece
+                hit = joined.find(stop)  # the tail holds no whole stop: it would have ended
+                if hit >= 0:
+                    piece = joined[len(tails[s]):hit + len(stop)]
+                    done[s] = True
+                tails[s] = joined[len(joined) - len(stop) + 1:]
+            pieces.append(piece)
+        yield pieces
+    if vocab.mode == "bytes":
+        yield [d.decode(b"", final=True) for d in decoders]
+
+
+def sample(model, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None,
+           num=1, stop=None):
+    """``num`` samples as a list of str (each starting with ``prime``)."""
+    texts = [""] * num
+    for pieces in generate(model, length, temperature, prime, top_k, top_p, seed, num, stop):
+        texts = [t + p for t, p in zip(texts, pieces)]
+    return texts
+
+
+def beam_search(model, length, prime="", width=8):
+    """The most likely continuation of ``prime`` of ``length`` characters
+    (approximately: beam search keeps the ``width`` best prefixes)."""
+    _check_sampling(length, 1.0, None, None)
+    if not isinstance(width, (int, np.integer)) or width < 1:
+        raise CharrnnError(f"beam width must be a whole number >= 1, not {width!r}")
+    vocab = _vocab(model)
+    V = len(vocab)
+    streams = _Streams(model, width)
+    prime_ids = _prime_ids(vocab, prime)
+    streams.feed(prime_ids)
+    scores = np.full(width, -np.inf)
+    scores[0] = 0.0  # all beams start identical: expand only one
+    seqs = np.zeros((width, 0), np.int32)
+    for n in range(length):
+        z = streams.logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        total = (scores[:, None] + logp).ravel()
+        k = min(width, total.size)
+        best = np.argpartition(-total, k - 1)[:k]
+        best = best[np.lexsort((best, -total[best]))]  # by score, ties by index: deterministic
+        parents, tokens = best // V, (best % V).astype(np.int32)
+        scores = np.full(width, -np.inf)
+        scores[:k] = total[best]
+        seqs = np.concatenate([seqs[parents], tokens[:, None]], axis=1)
+        if n < length - 1:
+            streams.hs[:, 0] = streams.hs[:, 0][:, parents]
+            streams.cs[:, 0] = streams.cs[:, 0][:, parents]
+            streams.step(tokens)
+    best = vocab.decode(seqs[0]) if length else vocab.decode([])
+    head = vocab.decode(prime_ids)
+    if vocab.mode == "bytes":
+        return (head + best).decode("utf-8", "replace")
+    return head + best
+
+
+def evaluate(model, text, skip_unknown=False, window=1024):
+    """Score ``text`` with the state carried over all of it (one stream).
+
+    Returns ``{"bpc", "nats", "perplexity", "chars", "skipped"}``: bits and
+    nats per character over the ``chars`` characters predicted (all but the
+    first) and how many unknown characters were skipped.
+    """
+    vocab = _vocab(model)
+    if vocab.mode == "bytes" and isinstance(text, str):
+        text = text.encode("utf-8")
+    before = len(text)
+    ids = vocab.encode(text, skip_unknown=skip_unknown)
+    skipped = before - len(ids)
+    if len(ids) < 2:
+        raise CharrnnError("the text needs at least 2 known characters to be scored")
+    total, state = 0.0, None
+    for j in range(0, len(ids) - 1, window):
+        x = ids[j:j + window]
+        y = ids[j + 1:j + 1 + window]
+        x = x[:len(y)]
+        loss, state = model.loss(x[None, :], y[None, :], state)
+        total += loss * len(y)
+    nats = total / (len(ids) - 1)
+    return {"bpc": nats / math.log(2), "nats": nats, "perplexity": math.exp(nats),
+            "chars": len(ids) - 1, "skipped": skipped}

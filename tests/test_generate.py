@@ -1,0 +1,232 @@
+"""Sampling, beam search, evaluation, the Python API and the sample/eval/info
+commands."""
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import charrnn
+import reference as ref
+from charrnn import CharrnnError, Model, Vocab
+from charrnn.cli import main
+from charrnn.generate import beam_search, evaluate, sample
+
+TEXT = "to be or not to be, that is the question.\n" * 20
+
+
+@pytest.fixture(scope="module", params=["lstm", "gru", "rnn"])
+def model(request):
+    m = Model(len(Vocab(TEXT)), cell=request.param, hidden=12, layers=2, seed=3)
+    m.vocab = Vocab(TEXT)
+    return m
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    charrnn.train(_corpus(d), out=d / "run", steps=10, hidden=16, batch=4, seq_len=8,
+                  eval_every=5, quiet=True)
+    return d / "run"
+
+
+def _corpus(d):
+    (d / "c.txt").write_text(TEXT)
+    return d / "c.txt"
+
+
+def test_sample_starts_with_the_prime_and_has_the_length(model):
+    out = model.sample(50, prime="to be", seed=1)
+    assert out.startswith("to be") and len(out) == 55
+
+
+def test_same_seed_gives_the_same_text(model):
+    assert model.sample(80, seed=7) == model.sample(80, seed=7)
+    assert model.sample(80, seed=7) != model.sample(80, seed=8)
+
+
+def test_sampling_draws_from_the_models_distribution():
+    # with a fixed state the empirical next-char frequencies match softmax(logits)
+    v = Vocab("abc")
+    m = Model(3, cell="rnn", hidden=4, layers=1, seed=0)
+    m.vocab = v
+    m.load_state_dict({**m.state_dict(), "rnn.weight_hh_l0": np.zeros((4, 4)),
+                       "rnn.weight_ih_l0": np.zeros((4, 3))})
+    first = np.array([v.encode(s[1])[0] for s in sample(m, 2, prime="a", num=4000, seed=0)])
+    logits, _ = m.forward(np.zeros((1, 1), dtype=np.int32))
+    p = np.exp(logits[0, 0] - logits[0, 0].max())
+    p /= p.sum()
+    freq = np.bincount(first, minlength=3) / first.size
+    assert np.abs(freq - p).max() < 0.03
+
+
+def test_temperature_zero_is_argmax_and_matches_the_reference(model):
+    text = model.sample(20, temperature=0, prime="to")
+    params = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    ids = list(model.vocab.encode("to"))
+    for _ in range(20):
+        logits, _ = ref.forward(params, np.array([ids]), model.config["cell"], 2)
+        ids.append(int(np.argmax(logits[0, -1])))
+    assert text == model.vocab.decode(ids)
+
+
+def test_top_k_one_is_argmax(model):
+    assert model.sample(30, top_k=1, seed=5, prime="t") == model.sample(30, temperature=0, prime="t")
+
+
+def test_top_p_keeps_only_the_nucleus(model):
+    tiny_p = model.sample(30, top_p=1e-6, seed=5, prime="t")
+    assert tiny_p == model.sample(30, temperature=0, prime="t")
+
+
+def test_batch_samples_are_independent_and_reproducible(model):
+    a = sample(model, 40, num=5, seed=3)
+    assert a == sample(model, 40, num=5, seed=3)
+    assert len(set(a)) == 5
+
+
+def test_stop_string_ends_a_sample_where_it_appears(model):
+    for s in sample(model, 300, num=4, seed=2, stop="e"):
+        assert s.endswith("e") and s.count("e") == 1 or "e" not in s
+
+
+def test_generate_streams_the_same_text_as_sample(model):
+    assert "".join(model.generate(600, seed=4, prime="to")) == model.sample(600, seed=4, prime="to")
+
+
+def test_beam_search_finds_a_continuation_at_least_as_likely_as_greedy(model):
+    def logprob(text):
+        ids = model.vocab.encode(text)
+        logits, _ = model.forward(ids[None, :-1])
+        z = logits[0].astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return logp[np.arange(len(ids) - 1), ids[1:]][len("to") - 1:].sum()
+    greedy = model.sample(15, temperature=0, prime="to")
+    beam = beam_search(model, 15, prime="to", width=6)
+    assert beam.startswith("to") and len(beam) == 17
+    assert logprob(beam) >= logprob(greedy) - 1e-4
+
+
+def test_evaluate_is_the_mean_loss_with_the_state_carried(model):
+    text = TEXT[:300]
+    r = evaluate(model, text, window=64)
+    params = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    ids = model.vocab.encode(text)
+    want, _ = ref.loss(params, ids[None, :-1], ids[None, 1:], model.config["cell"], 2)
+    assert r["nats"] == pytest.approx(want, rel=1e-5)
+    assert r["bpc"] == pytest.approx(want / math.log(2), rel=1e-5) and r["chars"] == 299
+
+
+def test_evaluate_names_unknown_characters_or_skips_them(model):
+    with pytest.raises(CharrnnError, match="'☃'"):
+        evaluate(model, "to be☃")
+    assert evaluate(model, "to be☃ or", skip_unknown=True)["skipped"] == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1), "temperature"), (dict(top_k=0), "top-k"), (dict(top_p=1.5), "top-p"),
+    (dict(length=-1), "length"), (dict(prime="x☃"), "prime has .*'☃'"),
+])
+def test_bad_sampling_options_are_clear_errors(model, kwargs, match):
+    kwargs = {"length": 5, **kwargs}
+    with pytest.raises(CharrnnError, match=match):
+        model.sample(**kwargs)
+
+
+def test_bytes_models_write_valid_utf8(tmp_path):
+    (tmp_path / "b.bin").write_bytes("héllo wörld ☃ ".encode() * 200 + b"\xff\xfe")
+    m = charrnn.train(tmp_path / "b.bin", bytes=True, out=tmp_path / "run", steps=3, hidden=8,
+                      batch=2, seq_len=8, eval_every=3, quiet=True)
+    out = m.sample(300, seed=0)
+    out.encode("utf-8")  # no lone surrogates: valid UTF-8
+    assert isinstance(out, str)
+
+
+# --------------------------------------------------------------- Python API
+
+def test_load_and_save_round_trip(saved, tmp_path):
+    m = charrnn.load(saved)
+    m.save(tmp_path / "copy.ckpt")
+    again = charrnn.load(tmp_path / "copy.ckpt")
+    assert np.array_equal(m.params, again.params) and m.vocab == again.vocab
+    assert m.sample(40, seed=1) == again.sample(40, seed=1)
+
+
+def test_model_evaluate_gives_bits_per_char(saved):
+    m = charrnn.load(saved)
+    assert 0 < m.evaluate(TEXT[:200]) < math.log2(len(m.vocab)) + 1
+
+
+def test_checkpoint_weights_load_into_torch_by_name(saved):
+    torch = pytest.importorskip("torch")
+    m = charrnn.load(saved)
+    c = m.config
+    rnn = torch.nn.LSTM(c["vocab_size"], c["hidden"], c["layers"], batch_first=True)
+    head = torch.nn.Linear(c["hidden"], c["vocab_size"])
+    modules = {"rnn": rnn, "decoder": head}
+    with np.load(saved / "best.ckpt", allow_pickle=False) as z:
+        for key in z.files:
+            if key.startswith("param/"):
+                mod, name = key[len("param/"):].split(".")
+                getattr(modules[mod], name).data.copy_(torch.from_numpy(z[key]))
+    ids = m.vocab.encode(TEXT[:40])[None, :]
+    x = torch.nn.functional.one_hot(torch.from_numpy(ids.astype(np.int64)), c["vocab_size"]).float()
+    with torch.no_grad():
+        want = head(rnn(x)[0]).numpy()
+    assert np.abs(m.forward(ids)[0] - want).max() < 1e-4
+
+
+# ---------------------------------------------------------------------- CLI
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_sample_prints_prime_then_text(saved):
+    r = cli("sample", saved, "--length", 30, "--prime", "to be", "--seed", 1)
+    assert r.exit_code == 0 and r.output.startswith("to be") and len(r.output) == 36
+
+
+def test_cli_sample_seed_repeats(saved):
+    assert cli("sample", saved, "--seed", 3).output == cli("sample", saved, "--seed", 3).output
+
+
+def test_cli_sample_num_separates_samples(saved):
+    r = cli("sample", saved, "--num", 3, "--length", 20, "--seed", 1)
+    assert r.exit_code == 0 and r.output.count("-" * 40) == 2
+
+
+def test_cli_sample_beam(saved):
+    r = cli("sample", saved, "--beam", 4, "--length", 20, "--prime", "to")
+    assert r.exit_code == 0 and r.output.startswith("to")
+
+
+def test_cli_eval_json(saved, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT[:500])
+    d = json.loads(cli("eval", saved, tmp_path / "t.txt", "--json").output)
+    assert d["chars"] == 499 and d["bpc"] == pytest.approx(d["nats"] / math.log(2))
+
+
+def test_cli_info_json(saved):
+    d = json.loads(cli("info", saved, "--json").output)
+    assert d["step"] == 10 and d["format_version"] == 1 and d["cell"] == "lstm"
+    assert d["vocab_size"] == len(Vocab(TEXT)) and d["parameters"] > 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--temp", "-1"], "temperature"), (["--top-p", "0"], "top-p"), (["--top-k", "0"], "top-k"),
+    (["--length", "-5"], "length"), (["--prime", "☃"], "'☃'"),
+])
+def test_cli_sample_bad_options_are_one_line(saved, args, match):
+    r = cli("sample", saved, *args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and match in r.output
+
+
+def test_cli_missing_or_corrupt_checkpoint_is_one_line(tmp_path):
+    r = cli("info", tmp_path / "nope.ckpt")
+    assert r.exit_code == 1 and "no such checkpoint" in r.output
+    (tmp_path / "bad.ckpt").write_bytes(b"not a zip")
+    r = cli("sample", tmp_path / "bad.ckpt")
+    assert r.exit_code == 1 and "not a readable charrnn checkpoint" in r.output
