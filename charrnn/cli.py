@@ -110,7 +110,10 @@ def train(ctx, corpus, resume, **options):
         source = click.core.ParameterSource.COMMANDLINE
         options = {k: v for k, v in options.items()
                    if ctx.get_parameter_source("bytes_" if k == "bytes" else k) == source}
-    train_api(list(corpus), resume=resume, **options)
+    model = train_api(list(corpus), resume=resume, **options)
+    if not options.get("quiet"):
+        click.echo("--- a sample from the trained model (temperature 0.8) ---", err=True)
+        _write(model.sample(300, temperature=0.8, seed=options.get("seed", 0)) + "\n")
 
 
 # ---------------------------------------------------- sample / eval / info
@@ -138,19 +141,21 @@ def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop
     """Generate text from CHECKPOINT (a .ckpt file, or a run directory: its best)."""
     from . import generate as G
     _, model = _load(checkpoint)
-    out = sys.stdout
     if beam:
-        out.write(G.beam_search(model, length, prime, beam) + "\n")
-        return
-    rule = "\n" + "-" * 40 + "\n"
-    if num == 1:  # stream as it is produced
+        _write(G.beam_search(model, length, prime, beam) + "\n")
+    elif num == 1:  # stream as it is produced
         for pieces in G.generate(model, length, temperature, prime, top_k, top_p, seed, 1, stop):
-            out.write(pieces[0])
-            out.flush()
-        out.write("\n")
-        return
-    texts = G.sample(model, length, temperature, prime, top_k, top_p, seed, num, stop)
-    out.write(rule.join(texts) + "\n")
+            _write(pieces[0])
+        _write("\n")
+    else:
+        texts = G.sample(model, length, temperature, prime, top_k, top_p, seed, num, stop)
+        _write(("\n" + "-" * 40 + "\n").join(texts) + "\n")
+
+
+def _write(text):
+    """UTF-8 on stdout whatever the locale, flushed: samples stream."""
+    sys.stdout.buffer.write(text.encode("utf-8", "replace"))
+    sys.stdout.flush()
 
 
 @main.command("eval")

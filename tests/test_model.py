@@ -235,3 +235,40 @@ def test_loss_and_gradients_match_torch(cell, nl, layers, embed):
             mod, attr = name.split(".")
             tg = getattr(modules[mod], attr).grad.numpy()
             assert rel_err(grads[name], tg) < 1e-4, name
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_ten_clipped_adam_steps_match_torch(cell):
+    torch = pytest.importorskip("torch")
+    from charrnn.optim import Optimizer
+    m = make_model(cell, "tanh", 2, None, dtype=np.float32)
+    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](V, H, 2, batch_first=True)
+    decoder = torch.nn.Linear(H, V)
+    modules = {"rnn": rnn, "decoder": decoder}
+    with torch.no_grad():
+        for name, w in m.state_dict().items():
+            mod, attr = name.split(".")
+            getattr(modules[mod], attr).copy_(torch.from_numpy(w))
+    params = list(rnn.parameters()) + list(decoder.parameters())
+    topt = torch.optim.Adam(params, lr=0.05)
+    opt = Optimizer("adam", m.params, m.grads)
+    rng = np.random.default_rng(1)
+    state = tstate = None
+    for _ in range(10):
+        stream = rng.integers(0, V, size=(B, T + 1))
+        x, y = stream[:, :-1], stream[:, 1:]
+        loss, _, state = m.loss_and_grads(x, y, state)
+        opt.step(0.05, clip=0.5)
+        topt.zero_grad()
+        xt = torch.nn.functional.one_hot(torch.from_numpy(x), V).float()
+        out, tstate = rnn(xt, tstate)
+        tloss = torch.nn.functional.cross_entropy(decoder(out).reshape(-1, V),
+                                                  torch.from_numpy(y).reshape(-1))
+        tloss.backward()
+        tstate = tuple(s.detach() for s in tstate) if isinstance(tstate, tuple) else tstate.detach()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        topt.step()
+        assert loss == pytest.approx(tloss.item(), rel=1e-4)
+    for name, w in m.state_dict().items():
+        mod, attr = name.split(".")
+        assert rel_err(w, getattr(modules[mod], attr).detach().numpy()) < 1e-4, name
