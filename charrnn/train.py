@@ -50,7 +50,7 @@ class TrainConfig:
     epochs: float = None
     minutes: float = None         # none of the three given: DEFAULT_MINUTES
     val_frac: float = 0.05        # tail share held out for validation
-    eval_every: int = 250         # steps between validations and checkpoints
+    eval_every: int = 500         # steps between validations and checkpoints
     patience: int = 0             # stop after this many evals without improvement, 0 = off
     out: str = "run"              # run directory
     seed: int = 0
@@ -323,10 +323,9 @@ class _Run:
                 f"or a --clip (now {self.cfg.clip:g})", 1)
 
     def _eval(self):
-        val = evaluate(self.model, self.val_windows)
-        now = time.perf_counter()
+        now = time.perf_counter()  # the rate covers training, not evaluation
         rate = (self.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
-        self.mark = (now, self.step)
+        val = evaluate(self.model, self.val_windows)
         row = {"step": self.step, "epoch": round(self.step / len(self.train_windows), 4),
                "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
                "val_loss": val, "val_bpc": val / LN2, "lr": self.lr,
@@ -344,6 +343,7 @@ class _Run:
         if improved:
             self._save("best")
         self.report.eval(self, row, improved)
+        self.mark = (time.perf_counter(), self.step)
 
     def _write_metrics_file(self):
         """metrics.jsonl as the checkpoint knows it (a resume drops lines
