@@ -217,6 +217,52 @@ def info(checkpoint, as_json):
     click.echo(f"checkpoint format version {d['format_version']}")
 
 
+# ------------------------------------------------------------------- bench
+
+@main.command()
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=None,
+              help="Measure one config instead of the default list.")
+@click.option("--hidden", type=int, default=None)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--batch", type=int, default=50, show_default=True)
+@click.option("--seq-len", type=int, default=50, show_default=True)
+@click.option("--embed", type=int, default=0, show_default=True)
+@click.option("--vocab", type=int, default=65, show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True, help="0 = all cores.")
+@click.option("--seconds", type=float, default=5.0, show_default=True, help="Per measurement.")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch side even if it is installed.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per config.")
+@_one_line_errors
+def bench(cell, hidden, layers, batch, seq_len, embed, vocab, threads, seconds, no_torch, as_json):
+    """Training and sampling chars/s, GFLOP/s and memory, beside PyTorch if installed.
+
+    By default: LSTM 2x128, 2x256, 2x512 and GRU 2x256 at B=50, T=50, V=65."""
+    import json
+    from . import bench as B
+    base = dict(layers=layers, batch=batch, seq_len=seq_len, embed=embed, vocab=vocab,
+                threads=threads, seconds=seconds)
+    pairs = B.DEFAULT_CONFIGS if cell is None and hidden is None else [(cell or "lstm", hidden or 256)]
+    for name, value in (("--batch", batch), ("--seq-len", seq_len), ("--vocab", vocab), ("--layers", layers)):
+        if value < 1:
+            raise CharrnnError(f"{name} must be >= 1, not {value}")
+    with_torch = not no_torch and B.torch_available()
+    for r in B.run([dict(base, cell=c, hidden=h) for c, h in pairs], with_torch):
+        if as_json:
+            click.echo(json.dumps(r))
+            continue
+        line = (f"{r['cell']} {r['layers']}x{r['hidden']} B={r['batch']} T={r['seq_len']}: "
+                f"train {r['train_chars_per_s'] / 1e3:.1f}k chars/s ({r['gflops']:.0f} GFLOP/s, "
+                f"{100 * r['gemm_efficiency']:.0f}% of sgemm {r['sgemm_gflops']:.0f}), "
+                f"sample {r['sample_chars_per_s'] / 1e3:.1f}k, x64 {r['batch_sample_chars_per_s'] / 1e3:.1f}k "
+                f"chars/s, peak RSS {r['peak_rss_mb']:.0f} MB")
+        if with_torch:
+            line += (f" | torch train {r['torch_train_chars_per_s'] / 1e3:.1f}k "
+                     f"({r['train_speedup']:.2f}x), sample {r['torch_sample_chars_per_s'] / 1e3:.2f}k "
+                     f"({r['sample_speedup']:.0f}x), peak RSS {r['torch_peak_rss_mb']:.0f} MB")
+        click.echo(line)
+    click.echo(f"BLAS: {', '.join(r['blas'])}", err=True)
+
+
 # ----------------------------------------------------------------- corpora
 
 @main.group()
