@@ -73,9 +73,13 @@ def measure_charrnn(cfg):
 
 
 def _blas_info():
+    """The library the kernels' GEMMs call, then every BLAS pool loaded
+    (name, version, threads)."""
     from threadpoolctl import threadpool_info
-    return sorted({f"{p.get('internal_api')} {p.get('version')} x{p.get('num_threads')}"
-                   for p in threadpool_info() if p.get("user_api") == "blas"})
+    from .kernels.cpu import BLAS
+    pools = sorted({f"{p.get('internal_api')} {p.get('version')} x{p.get('num_threads')}"
+                    for p in threadpool_info() if p.get("user_api") == "blas"})
+    return [f"kernels: {BLAS}"] + pools
 
 
 def measure_torch(cfg):

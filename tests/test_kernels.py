@@ -1,5 +1,6 @@
 """Kernel-level facts that the model tests do not show directly."""
 import numpy as np
+import pytest
 from numba import njit
 
 from charrnn.kernels import cpu as K
@@ -40,3 +41,24 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
     total = K.softmax_cross_entropy(d, logits, np.array([1], dtype=np.int32), 1.0)
     assert total == 1e4
     assert np.allclose(d, [[1.0, -1.0, 0.0]])
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_transposes_operands_in_place(trans_a, trans_b, dtype):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 3) if trans_a else (3, 5)).astype(dtype)
+    b = rng.standard_normal((4, 5) if trans_b else (5, 4)).astype(dtype)
+    out = np.full((3, 4), np.nan, dtype=dtype)
+    _matmul(out, a, b, trans_a, trans_b)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
+    assert np.allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@njit
+def _matmul(out, a, b, trans_a, trans_b):
+    K.matmul(out, a, b, trans_a, trans_b)
+
+
+def test_the_blas_in_use_is_named():
+    assert K.BLAS in ("mkl", "openblas")

@@ -11,8 +11,15 @@ float32, the gradient tests run the very same code in float64.
 Nothing here imports the rest of charrnn: Numba's cache does not notice edits
 to helpers in other modules, so a kernel and its helpers live together.
 """
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+
+import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, types
+from numba import carray, cfunc, njit, types
 from numba.extending import overload
 
 # fastmath without nnan/ninf: those would delete the isfinite checks on losses.
@@ -71,6 +78,93 @@ def _sigmoid(x):
     return _HALF * tanh(_HALF * x) + _HALF
 
 
+# --------------------------------------------------------------------- BLAS
+# float32 GEMMs call the C symbol ``charrnn_sgemm`` (cblas_sgemm's signature),
+# bound at import to MKL's cblas_sgemm when ``charrnn[mkl]`` is installed, else
+# to a shim over np.dot (SciPy's OpenBLAS). The compiled kernels are the same
+# either way, so Numba's cache stays valid when the BLAS changes.
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = np.int32(101), np.int32(111), np.int32(112)
+_i32, _f32, _u64 = types.int32, types.float32, types.uint64
+_sgemm = types.ExternalFunction("charrnn_sgemm", types.void(
+    _i32, _i32, _i32, _i32, _i32, _i32, _f32, _u64, _i32, _u64, _i32, _f32, _u64, _i32))
+_fp = types.CPointer(types.float32)
+
+
+@cfunc(types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f32, _fp, _i32, _fp, _i32, _f32, _fp, _i32),
+       cache=True)
+def _sgemm_numpy(layout, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+    """cblas_sgemm for what matmul asks: row-major, dense, alpha 1, beta 0."""
+    c = carray(C, (M, N))
+    if trans_a == _TRANS:
+        a = carray(A, (K, M))
+        if trans_b == _TRANS:
+            np.dot(a.T, carray(B, (N, K)).T, c)
+        else:
+            np.dot(a.T, carray(B, (K, N)), c)
+    else:
+        a = carray(A, (M, K))
+        if trans_b == _TRANS:
+            np.dot(a, carray(B, (N, K)).T, c)
+        else:
+            np.dot(a, carray(B, (K, N)), c)
+
+
+def _mkl_library():
+    """libmkl_rt from the environment (PyPI's ``mkl``), unless CHARRNN_BLAS=openblas."""
+    if os.environ.get("CHARRNN_BLAS", "auto") == "openblas":
+        return None
+    found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    path = found[0] if found else ctypes.util.find_library("mkl_rt")
+    if not path:
+        return None
+    try:
+        return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None
+
+
+def _bind_sgemm():
+    mkl = _mkl_library()
+    if mkl is not None:
+        llvm.add_symbol("charrnn_sgemm", ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p).value)
+        return "mkl"
+    llvm.add_symbol("charrnn_sgemm", _sgemm_numpy.address)
+    return "openblas"
+
+
+BLAS = _bind_sgemm()  # which library the float32 GEMMs use
+
+
+def matmul(out, a, b, trans_a, trans_b):
+    """out = op(a) @ op(b), op transposing where its flag is set; every array
+    C-contiguous (a transposed operand is read in place, never copied)."""
+
+
+@overload(matmul, jit_options=_JIT)
+def _matmul_impl(out, a, b, trans_a, trans_b):
+    if out.dtype == types.float32:
+        def sgemm(out, a, b, trans_a, trans_b):
+            M, N = out.shape
+            K = a.shape[0] if trans_a else a.shape[1]
+            _sgemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                   np.int32(M), np.int32(N), np.int32(K), np.float32(1.0),
+                   a.ctypes.data, np.int32(a.shape[1]), b.ctypes.data, np.int32(b.shape[1]),
+                   np.float32(0.0), out.ctypes.data, np.int32(N))
+        return sgemm
+
+    def dgemm(out, a, b, trans_a, trans_b):  # float64 (gradient checks): NumPy's dot
+        if trans_a and trans_b:
+            np.dot(a.T, b.T, out)
+        elif trans_a:
+            np.dot(a.T, b, out)
+        elif trans_b:
+            np.dot(a, b.T, out)
+        else:
+            np.dot(a, b, out)
+    return dgemm
+
+
 # ---------------------------------------------------------------- input side
 
 @njit(**_JIT)
@@ -103,7 +197,7 @@ def embedding_backward(dtable, dbias, dout, ids):
 @njit(**_JIT)
 def linear_forward(out, x, w, b):
     """out = x @ w.T + b.   out [N,O], x [N,I], w [O,I] (PyTorch layout), b [O]"""
-    np.dot(x, w.T, out)
+    matmul(out, x, w, False, True)
     for n in range(out.shape[0]):
         o = out[n]
         for k in range(o.shape[0]):
@@ -114,8 +208,8 @@ def linear_forward(out, x, w, b):
 def linear_backward(dx, dw, db, dout, x, w):
     """Gradients of linear_forward, each overwritten: the weight gradient is
     one GEMM over all N = T*B rows of the window."""
-    np.dot(dout, w, dx)
-    np.dot(dout.T, x, dw)
+    matmul(dx, dout, w, False, False)
+    matmul(dw, dout, x, True, False)
     column_sum(db, dout)
 
 
@@ -257,7 +351,7 @@ def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
     T, B = xp.shape[0], xp.shape[1]
     relu = cell == RNN_RELU
     for t in range(T):
-        np.dot(hs[t], w_hh.T, gh)
+        matmul(gh, hs[t], w_hh, False, True)
         for b in range(B):
             if cell == LSTM:
                 lstm_cell_forward(xp[t, b], gh[b], b_hh, cs[t, b], gates[t, b],
@@ -290,7 +384,7 @@ def recurrent_backward(cell, dh_out, w_hh, hs, cs, gates, hn,
         if t == T - 1:
             dh_rec[:] = 0
         else:
-            np.dot(dgh[t + 1], w_hh, dh_rec)
+            matmul(dh_rec, dgh[t + 1], w_hh, False, False)
         for b in range(B):
             if cell == LSTM:
                 lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], cs[t, b],
@@ -305,7 +399,7 @@ def recurrent_backward(cell, dh_out, w_hh, hs, cs, gates, hn,
     G = dgh.shape[2]
     H = hs.shape[2]
     dg2 = dgh.reshape(T * B, G)
-    np.dot(dg2.T, hs[:T].reshape(T * B, H), dw_hh)
+    matmul(dw_hh, dg2, hs[:T].reshape(T * B, H), True, False)
     column_sum(db_hh, dg2)
 
 
