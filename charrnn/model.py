@@ -1,5 +1,7 @@
 """Model: parameters in one flat buffer with PyTorch-named views, and the
 orchestration of the kernels for a forward pass and truncated BPTT."""
+import os
+
 import numpy as np
 
 from .errors import CharrnnError
@@ -15,6 +17,13 @@ def _check_size(name, value, lo, hi=None):
             or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
+
+
+def _memory_bytes():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every system says
+        return float("inf")
 
 
 class Model:
@@ -59,6 +68,11 @@ class Model:
         self._cell_id = _CELL_IDS[cell, nonlinearity]
         self._shapes = self._param_shapes()
         n = sum(int(np.prod(s)) for s in self._shapes.values())
+        # weights, gradients and two optimizer slots must fit in memory
+        if 4 * n * self.dtype.itemsize > _memory_bytes():
+            raise CharrnnError(f"a model of {n:,} parameters needs about "
+                               f"{4 * n * self.dtype.itemsize / 2**30:.1f} GiB to train, more "
+                               f"than this machine's {_memory_bytes() / 2**30:.1f} GiB")
         self.params = np.zeros(n, dtype=self.dtype)  # every weight, one buffer
         self.grads = np.zeros(n, dtype=self.dtype)   # their gradients, same layout
         self._p = self._views(self.params)

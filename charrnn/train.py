@@ -337,8 +337,12 @@ class _Run:
             self.best_val, self.bad_evals = val, 0
         else:
             self.bad_evals += 1
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise CharrnnError(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror or e}; "
+                               f"the last checkpoint is kept") from None
         self._save("last")
         if improved:
             self._save("best")

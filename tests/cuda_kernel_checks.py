@@ -1,7 +1,7 @@
 """Checks of charrnn.kernels.cuda against charrnn.kernels.cpu, for
 tests/test_cuda_kernels.py, which runs this script in a subprocess:
 
-    NUMBA_ENABLE_CUDASIM=1 python tests/cuda_kernel_checks.py sim
+    NUMBA_ENABLE_CUDASIM=1 python tests/cuda_kernel_checks.py sim [--shard i/n] [names...]
     python tests/cuda_kernel_checks.py ptx
 
 ``sim`` runs every CUDA kernel on numba-cuda's simulator next to its CPU twin
@@ -15,11 +15,12 @@ whether numba-cuda (not the deprecated numba.cuda built into numba) can run
 here at all. Then one line per check, with either the measurements or the
 traceback of the failure, so that one broken kernel does not hide the rest.
 """
+import argparse
 import json
 import os
-import sys
 import time
 import traceback
+import zlib
 
 import numpy as np
 
@@ -67,19 +68,29 @@ def sim_checks():
     from charrnn.kernels import cpu
     from charrnn.kernels import cuda as gpu
 
-    rng = np.random.default_rng(0)
+    rng = None  # reseeded for every check: its inputs do not depend on which others run
     dev = cuda.to_device
 
     def randn(*shape, scale=1.0):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def random_ids(n):
+        return rng.integers(0, V, n).astype(np.int32)
 
     def host(d):
         return d.copy_to_host()
 
     checks = {}
 
+    def register(name, fn):
+        def run():
+            nonlocal rng
+            rng = np.random.default_rng(zlib.crc32(name.encode()))
+            return fn()
+        checks[name] = run
+
     def check(fn):
-        checks[fn.__name__] = fn
+        register(fn.__name__, fn)
         return fn
 
     # ---- GEMM: no CPU twin (np.dot inside the CPU kernels), so float64 NumPy
@@ -96,7 +107,7 @@ def sim_checks():
     for ta in (False, True):
         for tb in (False, True):
             name = f"gemm_{'t' if ta else 'n'}{'t' if tb else 'n'}"
-            checks[name] = lambda ta=ta, tb=tb: gemm_case(ta, tb)
+            register(name, lambda ta=ta, tb=tb: gemm_case(ta, tb))
 
     @check
     def gemm_beta():
@@ -113,11 +124,9 @@ def sim_checks():
         return {"c": rel(host(c), a.astype(np.float64) @ b)}
 
     # ---- input side
-    ids = rng.integers(0, V, T * B).astype(np.int32)
-
     @check
     def embedding_forward():
-        table, bias = randn(V, E), randn(E)
+        table, bias, ids = randn(V, E), randn(E), random_ids(T * B)
         want = np.zeros((T * B, E), np.float32)
         cpu.embedding_forward(want, table, ids, bias)
         out = dev(np.zeros_like(want))
@@ -126,7 +135,7 @@ def sim_checks():
 
     @check
     def embedding_backward():
-        dout = randn(T * B, E)
+        dout, ids = randn(T * B, E), random_ids(T * B)
         dtable, dbias = np.zeros((V, E), np.float32), np.zeros(E, np.float32)
         cpu.embedding_backward(dtable, dbias, dout, ids)
         d_dtable = dev(np.full((V, E), np.nan, np.float32))  # overwritten, not added to
@@ -226,13 +235,13 @@ def sim_checks():
         return {k: rel(host(d[k]), out[k]) for k in names}
 
     for name in CELLS:
-        checks[f"recurrent_forward_{name}"] = lambda name=name: forward_case(name)
-        checks[f"recurrent_backward_{name}"] = lambda name=name: backward_case(name)
+        register(f"recurrent_forward_{name}", lambda name=name: forward_case(name))
+        register(f"recurrent_backward_{name}", lambda name=name: backward_case(name))
 
     # ---- output
     @check
     def softmax_cross_entropy():
-        logits, targets = randn(T * B, V, scale=2.0), ids
+        logits, targets = randn(T * B, V, scale=2.0), random_ids(T * B)
         want = np.zeros_like(logits)
         loss = cpu.softmax_cross_entropy(want, logits, targets, 1.0 / (T * B))
         d = dev(np.zeros_like(logits))
@@ -267,7 +276,7 @@ def sim_checks():
         "sgd_momentum": ("sgd_update", 1, 1e-1, 0.9, 0.0),
     }
     for name, args in optimizers.items():
-        checks[f"optimizer_{name}"] = lambda args=args: optimizer_case(*args)
+        register(f"optimizer_{name}", lambda args=args: optimizer_case(*args))
 
     @check
     def squared_norm():
@@ -289,9 +298,11 @@ def sim_checks():
         return {"cpu": want, "cuda": host(ids_out).tolist()}
 
     picks = {"argmax": (0.0, 0, 1.0), "temperature_1": (1.0, 0, 1.0),
-             "top_k": (0.8, 3, 1.0), "top_p": (1.0, 0, 0.7), "top_k_and_top_p": (1.3, 4, 0.8)}
+             "top_k": (0.8, 3, 1.0), "top_p": (1.0, 0, 0.7), "top_k_and_top_p": (1.3, 4, 0.8),
+             "top_k_beyond_vocabulary": (1.0, V + 5, 1.0),
+             "cold_top_p": (0.05, 0, 0.9)}  # most probabilities underflow to 0: ties
     for name, args in picks.items():
-        checks[f"pick_tokens_{name}"] = lambda args=args: pick_case(*args)
+        register(f"pick_tokens_{name}", lambda args=args: pick_case(*args))
 
     return checks
 
@@ -362,15 +373,20 @@ def probe_ptx():
     return None
 
 
-def main(mode):
-    why = probe_sim() if mode == "sim" else probe_ptx()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["sim", "ptx"])
+    parser.add_argument("names", nargs="*", help="run only these checks")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th check from the i-th")
+    args = parser.parse_intermixed_args()
+    why = probe_sim() if args.mode == "sim" else probe_ptx()
     emit(check="usable", ok=why is None, reason=why)
     if why is not None:
         return
-    checks = sim_checks() if mode == "sim" else {"ptx": ptx_check}
-    only = set(sys.argv[2:])
-    for name, fn in checks.items():
-        if only and name not in only:
+    checks = sim_checks() if args.mode == "sim" else {"ptx": ptx_check}
+    shard, shards = map(int, args.shard.split("/"))
+    for k, (name, fn) in enumerate(checks.items()):
+        if k % shards != shard or (args.names and name not in args.names):
             continue
         t0 = time.perf_counter()
         try:
@@ -380,4 +396,4 @@ def main(mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

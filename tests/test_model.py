@@ -272,3 +272,8 @@ def test_ten_clipped_adam_steps_match_torch(cell):
     for name, w in m.state_dict().items():
         mod, attr = name.split(".")
         assert rel_err(w, getattr(modules[mod], attr).detach().numpy()) < 1e-4, name
+
+
+def test_a_model_too_large_for_memory_is_a_clear_error():
+    with pytest.raises(CharrnnError, match="GiB"):
+        Model(V, hidden=60_000, layers=8)

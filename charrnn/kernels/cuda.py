@@ -3,8 +3,9 @@
 Every public function here takes the same arguments, in the same order and
 with the same layouts, as the CPU kernel of the same name: time-major
 ``[T, B, ...]`` arrays, PyTorch gate order (LSTM ``(i, f, g, o)``, GRU
-``(r, z, n)``) and weight layouts. The arrays are numba device arrays
-(float32 data, int32 ids); the functions run on the host and launch kernels.
+``(r, z, n)``) and weight layouts. The arrays are numba device arrays,
+float32 only (the float64 gradient checks stay on the CPU), with int32 ids;
+the functions run on the host and launch kernels.
 
 What differs from the CPU side, and why:
 
@@ -99,7 +100,7 @@ def gemm(c, a, b, trans_a=False, trans_b=False, beta=0.0):
     Kb, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if K != Kb or c.shape != (M, N):
         raise ValueError(f"gemm: op(a) {M}x{K} @ op(b) {Kb}x{N} cannot fill c {c.shape}")
-    grid = (-(-N // TILE), -(-M // TILE))  # x runs along columns, as threadIdx.x does
+    grid = (max(1, -(-N // TILE)), max(1, -(-M // TILE)))  # x along columns, as threadIdx.x
     _gemm_kernel[grid, (TILE, TILE)](c, a, b, bool(trans_a), bool(trans_b),
                                      np.float32(beta))
 
