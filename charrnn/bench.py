@@ -46,15 +46,15 @@ def measure_charrnn(cfg):
     V, B, T = cfg["vocab"], cfg["batch"], cfg["seq_len"]
     with _thread_limit(cfg["threads"]):
         m = Model(V, cell=cfg["cell"], hidden=cfg["hidden"], layers=cfg["layers"],
-                  embed=cfg["embed"] or None)
+                  embed=cfg["embed"] or None, device=cfg["device"])
         m.vocab = Vocab("".join(chr(0x100 + i) for i in range(V)))
-        opt = Optimizer("adam", m.params, m.grads)
+        opt = Optimizer("adam", m.params, m.grads, kernels=m._K)
         rng = np.random.default_rng(0)
         x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
         state = [None]
 
         def step():
-            _, _, state[0] = m.loss_and_grads(x, y, state[0])
+            _, state[0] = m._train_pass(x, y, state[0])
             opt.step(2e-3, 5.0)
         dt = _timed(step, cfg["seconds"])
         out = {"train_chars_per_s": B * T / dt}
@@ -84,21 +84,23 @@ def _blas_info():
 
 def measure_torch(cfg):
     """The same model in PyTorch (nn.LSTM/GRU/RNN + nn.Linear, one-hot or
-    embedding input, Adam, clipping), at 1 and 2 threads: the best of both."""
+    embedding input, Adam, clipping), at 1 and 2 threads: the best of both;
+    on the GPU (cuDNN) with ``device`` "cuda"."""
     import torch
     V, B, T, H, L = cfg["vocab"], cfg["batch"], cfg["seq_len"], cfg["hidden"], cfg["layers"]
+    dev = torch.device(cfg["device"])
     best = {}
     for threads in sorted({1, cfg["threads"] or os.cpu_count() or 1}):
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cfg["cell"]](
-            cfg["embed"] or V, H, L, batch_first=True)
-        head = torch.nn.Linear(H, V)
-        emb = torch.nn.Embedding(V, cfg["embed"]) if cfg["embed"] else None
+            cfg["embed"] or V, H, L, batch_first=True).to(dev)
+        head = torch.nn.Linear(H, V).to(dev)
+        emb = torch.nn.Embedding(V, cfg["embed"]).to(dev) if cfg["embed"] else None
         params = [*rnn.parameters(), *head.parameters(), *(emb.parameters() if emb else [])]
         opt = torch.optim.Adam(params, lr=2e-3)
-        x = torch.randint(0, V, (B, T))
-        y = torch.randint(0, V, (B, T))
+        x = torch.randint(0, V, (B, T), device=dev)
+        y = torch.randint(0, V, (B, T), device=dev)
         embed = (lambda ids: emb(ids)) if emb else (lambda ids: torch.nn.functional.one_hot(ids, V).float())
         state = [None]
 
@@ -110,10 +112,12 @@ def measure_torch(cfg):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # time the work, not its queueing
 
         @torch.no_grad()
         def sample_stream(n=200):
-            ids, s = torch.zeros(1, 1, dtype=torch.long), None
+            ids, s = torch.zeros(1, 1, dtype=torch.long, device=dev), None
             for _ in range(n):
                 out, s = rnn(embed(ids), s)
                 p = torch.softmax(head(out[0, -1]) / 0.8, -1)

@@ -33,11 +33,11 @@ class Checkpoint:
     def vocab(self):
         return Vocab.from_dict(self.meta["vocab"])
 
-    def model(self):
-        """A Model with these weights, ``model.vocab`` set."""
+    def model(self, device="cpu"):
+        """A Model with these weights on ``device``, ``model.vocab`` set."""
         cfg = self.meta["model"]
         try:
-            model = Model(**cfg)
+            model = Model(**cfg, device=device)
         except TypeError as e:
             raise CharrnnError(f"checkpoint has an unknown model configuration: {e}") from None
         model.load_state_dict(self.params)

@@ -118,10 +118,14 @@ def train(ctx, corpus, resume, **options):
 
 # ---------------------------------------------------- sample / eval / info
 
-def _load(path):
+def _load(path, device="cpu"):
     from .checkpoint import load
     ckpt = load(path, prefer="best")
-    return ckpt, ckpt.model()
+    return ckpt, ckpt.model(device)
+
+
+_device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+                              show_default=True, help="Where the model runs.")
 
 
 @main.command()
@@ -136,11 +140,12 @@ def _load(path):
 @click.option("--num", type=int, default=1, show_default=True, help="Independent samples, generated as one batch.")
 @click.option("--stop", default=None, help="End a sample when it produces this string.")
 @click.option("--beam", type=int, default=0, help="Beam search of this width for the most likely continuation.")
+@_device_option
 @_one_line_errors
-def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop, beam):
+def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop, beam, device):
     """Generate text from CHECKPOINT (a .ckpt file, or a run directory: its best)."""
     from . import generate as G
-    _, model = _load(checkpoint)
+    _, model = _load(checkpoint, device)
     if beam:
         _write(G.beam_search(model, length, prime, beam) + "\n")
     elif num == 1:  # stream as it is produced
@@ -163,12 +168,13 @@ def _write(text):
 @click.argument("file", type=click.Path())
 @click.option("--skip-unknown", is_flag=True, help="Skip characters outside the vocabulary (counted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_device_option
 @_one_line_errors
-def eval_(checkpoint, file, skip_unknown, as_json):
+def eval_(checkpoint, file, skip_unknown, as_json, device):
     """Bits per character of FILE under CHECKPOINT, the state carried over the whole file."""
     import json
     from .generate import evaluate
-    _, model = _load(checkpoint)
+    _, model = _load(checkpoint, device)
     try:
         raw = open(file, "rb").read()
     except OSError as e:
@@ -232,15 +238,19 @@ def info(checkpoint, as_json):
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="Per measurement.")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch side even if it is installed.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per config.")
+@_device_option
 @_one_line_errors
-def bench(cell, hidden, layers, batch, seq_len, embed, vocab, threads, seconds, no_torch, as_json):
+def bench(cell, hidden, layers, batch, seq_len, embed, vocab, threads, seconds, no_torch, as_json, device):
     """Training and sampling chars/s, GFLOP/s and memory, beside PyTorch if installed.
 
     By default: LSTM 2x128, 2x256, 2x512 and GRU 2x256 at B=50, T=50, V=65."""
     import json
     from . import bench as B
+    from .kernels import cpu
+    from .model import kernels_for
+    device = "cpu" if kernels_for(device) is cpu else "cuda"  # fails fast without a GPU
     base = dict(layers=layers, batch=batch, seq_len=seq_len, embed=embed, vocab=vocab,
-                threads=threads, seconds=seconds)
+                threads=threads, seconds=seconds, device=device)
     pairs = B.DEFAULT_CONFIGS if cell is None and hidden is None else [(cell or "lstm", hidden or 256)]
     for name, value in (("--batch", batch), ("--seq-len", seq_len), ("--vocab", vocab), ("--layers", layers)):
         if value < 1:

@@ -28,8 +28,14 @@ def _vocab(model):
     return model.vocab
 
 
+def _streams(model, S):
+    """Stepping S streams: one Numba call per chunk on the CPU, a step at a
+    time through the model's own passes on a GPU."""
+    return _Streams(model, S) if model.device == "cpu" else _DeviceStreams(model, S)
+
+
 class _Streams:
-    """The buffers for stepping S streams one character at a time."""
+    """The buffers for stepping S streams one character at a time (CPU)."""
 
     def __init__(self, model, S):
         c, dt = model.config, model.dtype
@@ -82,11 +88,52 @@ class _Streams:
         K.model_step(*self._args(), self.ids, self.hs, self.cs, self.logits, self.xp,
                      self.gates, self.hn, self.gh, self.emb, self.zero_e)
 
+    def reorder(self, parents):
+        """Stream s continues from stream parents[s] (beam search)."""
+        self.hs[:, 0] = self.hs[:, 0][:, parents]
+        self.cs[:, 0] = self.cs[:, 0][:, parents]
+
     def sample(self, n, uniforms, temperature, top_k, top_p):
         out = np.zeros((n, self.S), np.int32)
         K.generate(*self._args(), self.hs, self.cs, self.logits, uniforms, float(temperature),
                    int(top_k or 0), float(1.0 if top_p is None else top_p), out, self.ids,
                    self.probs, self.xp, self.gates, self.hn, self.gh, self.emb, self.zero_e)
+        return out
+
+
+class _DeviceStreams:
+    """The same interface on a GPU model: each step is a one-character
+    window of the model's forward pass, each draw one launch of the CUDA
+    twin of pick_token."""
+
+    def __init__(self, model, S):
+        self.model, self.S = model, S
+        self.state = None
+        self.logits = np.zeros((S, model.config["vocab_size"]), np.float32)
+
+    def feed(self, prime_ids):
+        if len(prime_ids):
+            logits, self.state = self.model.forward(np.tile(np.asarray(prime_ids), (self.S, 1)))
+            self.logits = logits[:, -1]
+
+    def step(self, ids):
+        logits, self.state = self.model.forward(np.asarray(ids)[:, None], self.state)
+        self.logits = logits[:, 0]
+
+    def reorder(self, parents):
+        self.state = tuple(s[:, parents] for s in self.state)
+
+    def sample(self, n, uniforms, temperature, top_k, top_p):
+        Kd = self.model._K
+        out = np.zeros((n, self.S), np.int32)
+        ids, logits, u = Kd.zeros(self.S, np.int32), Kd.zeros(self.logits.shape), Kd.zeros(self.S, np.float64)
+        for i in range(n):
+            Kd.put(logits, self.logits)
+            Kd.put(u, uniforms[i])
+            Kd.pick_tokens(ids, logits, float(temperature), int(top_k or 0),
+                           float(1.0 if top_p is None else top_p), u)
+            out[i] = Kd.get(ids)
+            self.step(out[i])
         return out
 
 
@@ -112,7 +159,7 @@ def generate(model, length, temperature=1.0, prime="", top_k=None, top_p=None, s
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise CharrnnError(f"num must be a whole number >= 1, not {num!r}")
     vocab = _vocab(model)
-    streams = _Streams(model, num)
+    streams = _streams(model, num)
     prime_ids = _prime_ids(vocab, prime)
     streams.feed(prime_ids)
     rng = np.random.default_rng(seed)
@@ -161,7 +208,7 @@ def beam_search(model, length, prime="", width=8):
         raise CharrnnError(f"beam width must be a whole number >= 1, not {width!r}")
     vocab = _vocab(model)
     V = len(vocab)
-    streams = _Streams(model, width)
+    streams = _streams(model, width)
     prime_ids = _prime_ids(vocab, prime)
     streams.feed(prime_ids)
     scores = np.full(width, -np.inf)
@@ -180,8 +227,7 @@ def beam_search(model, length, prime="", width=8):
         scores[:k] = total[best]
         seqs = np.concatenate([seqs[parents], tokens[:, None]], axis=1)
         if n < length - 1:
-            streams.hs[:, 0] = streams.hs[:, 0][:, parents]
-            streams.cs[:, 0] = streams.cs[:, 0][:, parents]
+            streams.reorder(parents)
             streams.step(tokens)
     best = vocab.decode(seqs[0]) if length else vocab.decode([])
     head = vocab.decode(prime_ids)

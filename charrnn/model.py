@@ -19,6 +19,26 @@ def _check_size(name, value, lo, hi=None):
         raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
 
 
+def kernels_for(device):
+    """The kernel module for ``device``: "cpu", "cuda", or "auto" (the GPU
+    when one is usable, else the CPU). A GPU asked for but not usable is a
+    one-line CharrnnError."""
+    if device == "cpu":
+        return K
+    if device not in ("cuda", "auto"):
+        raise CharrnnError(f"device must be cpu, cuda or auto, not {device!r}")
+    try:
+        from .kernels import cuda as KC
+        why = KC.available()
+    except ImportError as e:
+        why = f"numba-cuda is not installed ({e}); pip install 'charrnn[cuda]'"
+    if why is None:
+        return KC
+    if device == "auto":
+        return K
+    raise CharrnnError(f"--device cuda: {why}")
+
+
 def _memory_bytes():
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -40,7 +60,8 @@ class Model:
     - ``nonlinearity``: "tanh" or "relu" (``cell="rnn"`` only);
     - ``seed``: initialisation (PyTorch's: uniform +-1/sqrt(H), embedding N(0,1))
       and dropout masks;
-    - ``dtype``: float32; float64 exists for gradient checks.
+    - ``dtype``: float32; float64 exists for gradient checks (CPU only);
+    - ``device``: "cpu", "cuda" or "auto"; weights and buffers live there.
 
     >>> m = Model(65, cell="lstm", hidden=32, layers=2)
     >>> logits, state = m.forward(np.zeros((4, 10), dtype=np.int32))
@@ -49,7 +70,7 @@ class Model:
     """
 
     def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
-                 dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32):
+                 dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu"):
         if cell not in CELLS:
             raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
         if (cell, nonlinearity) not in _CELL_IDS:
@@ -65,6 +86,10 @@ class Model:
                            layers=int(layers), embed=embed or None, dropout=float(dropout),
                            nonlinearity=nonlinearity)
         self.dtype = np.dtype(dtype)
+        self._K = kernels_for(device)
+        self.device = "cpu" if self._K is K else "cuda"
+        if self.device == "cuda" and self.dtype != np.float32:
+            raise CharrnnError("the CUDA backend computes in float32 only")
         self._cell_id = _CELL_IDS[cell, nonlinearity]
         self._shapes = self._param_shapes()
         n = sum(int(np.prod(s)) for s in self._shapes.values())
@@ -73,8 +98,8 @@ class Model:
             raise CharrnnError(f"a model of {n:,} parameters needs about "
                                f"{4 * n * self.dtype.itemsize / 2**30:.1f} GiB to train, more "
                                f"than this machine's {_memory_bytes() / 2**30:.1f} GiB")
-        self.params = np.zeros(n, dtype=self.dtype)  # every weight, one buffer
-        self.grads = np.zeros(n, dtype=self.dtype)   # their gradients, same layout
+        self.params = self._K.zeros(n, dtype=self.dtype)  # every weight, one buffer
+        self.grads = self._K.zeros(n, dtype=self.dtype)   # their gradients, same layout
         self._p = self._views(self.params)
         self._g = self._views(self.grads)
         self._rng = np.random.default_rng(seed)      # init, then dropout masks
@@ -110,11 +135,13 @@ class Model:
 
     def _init_weights(self):
         bound = 1.0 / np.sqrt(self.config["hidden"])
-        for name, w in self._p.items():
+        host = np.zeros(self.params.shape, self.dtype)
+        for name, w in self._views(host).items():
             if name == "encoder.weight":
                 w[...] = self._rng.standard_normal(w.shape)
             else:
                 w[...] = self._rng.uniform(-bound, bound, w.shape)
+        self._K.put(self.params, host)
 
     @property
     def num_params(self):
@@ -122,7 +149,7 @@ class Model:
 
     def state_dict(self):
         """Copies of the weights, keyed by PyTorch's parameter names."""
-        return {name: w.copy() for name, w in self._p.items()}
+        return {name: np.array(self._K.get(w)) for name, w in self._p.items()}
 
     def load_state_dict(self, state):
         """Load weights by name; every name must be present with its shape."""
@@ -138,7 +165,7 @@ class Model:
                 raise CharrnnError(f"{name} has shape {w.shape}, the model expects {shape}")
             if not np.all(np.isfinite(w)):
                 raise CharrnnError(f"{name} holds non-finite values")
-            self._p[name][...] = w
+            self._K.put(self._p[name], w)
 
     # ------------------------------------------------------------ passes
     def initial_state(self, batch):
@@ -152,13 +179,14 @@ class Model:
         """Logits [B,T,V] for ids ``x`` [B,T], and the state after the window.
         Inference: no dropout."""
         ws = self._run_forward(x, state, train=False)
-        return ws.logits.reshape(ws.T, ws.B, -1).transpose(1, 0, 2).copy(), self._state_out(ws)
+        logits = self._K.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
+        return np.ascontiguousarray(logits), self._state_out(ws)
 
     def loss(self, x, y, state=None):
         """Mean cross-entropy (nats) of targets ``y`` given ``x``, both [B,T],
         and the next state. Inference: no dropout, no gradients."""
         ws = self._run_forward(x, state, train=False)
-        total = K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y), 0.0)
+        total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y), 0.0)
         return total / (ws.B * ws.T), self._state_out(ws)
 
     def loss_and_grads(self, x, y, state=None):
@@ -169,11 +197,17 @@ class Model:
         the next call overwrites them. Dropout, if any, applies here, with
         the same mask in the forward and backward pass.
         """
+        loss, state = self._train_pass(x, y, state)
+        return loss, {name: self._K.get(g) for name, g in self._g.items()}, state
+
+    def _train_pass(self, x, y, state):
+        """loss_and_grads without handing out the gradients: they stay in
+        ``self.grads`` (on the device, for a GPU model) for the optimizer."""
         ws = self._run_forward(x, state, train=True)
-        total = K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y),
-                                        1.0 / (ws.B * ws.T))
+        total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y),
+                                              1.0 / (ws.B * ws.T))
         self._run_backward(ws)
-        return total / (ws.B * ws.T), self._g, self._state_out(ws)
+        return total / (ws.B * ws.T), self._state_out(ws)
 
     # ------------------------------------------------------------ text
     # Thin delegates to charrnn.generate (imported here, at call time, since
@@ -226,15 +260,16 @@ class Model:
         y = self._ids(y, "y")
         if y.shape != (ws.T, ws.B):
             raise CharrnnError(f"y has shape {y.shape[::-1]}, x has {(ws.B, ws.T)}")
-        return y.reshape(-1)
+        self._K.put(ws.targets, y.reshape(-1))
+        return ws.targets
 
     def _run_forward(self, x, state, train):
         ids = self._ids(x)
         T, B = ids.shape
         ws = self._workspace(B, T)
-        ws.ids = ids.reshape(-1)
+        self._K.put(ws.ids, ids.reshape(-1))
         self._set_state_in(ws, state)
-        c, p = self.config, self._p
+        c, p, K = self.config, self._p, self._K
         L, H = c["layers"], c["hidden"]
         drop = train and c["dropout"] > 0
         for k in range(L):
@@ -242,7 +277,7 @@ class Model:
             xp2 = lay.xp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
                 # one-hot input: the projection is a row gather of W_ih^T
-                np.copyto(ws.w_ih0_t, p["rnn.weight_ih_l0"].T)
+                K.transpose(ws.w_ih0_t, p["rnn.weight_ih_l0"])
                 K.embedding_forward(xp2, ws.w_ih0_t, ws.ids, p["rnn.bias_ih_l0"])
             else:
                 if k == 0:
@@ -252,7 +287,7 @@ class Model:
                     below = ws.layers[k - 1]
                     inp = below.hs[1:].reshape(T * B, H)
                     if drop:
-                        below.mask[...] = self._dropout_mask(below.mask.shape)
+                        K.put(below.mask, self._dropout_mask(below.mask.shape))
                         K.apply_dropout(below.dropped, inp, below.mask)
                         inp = below.dropped
                 lay.inp = inp
@@ -266,7 +301,7 @@ class Model:
         return ws
 
     def _run_backward(self, ws):
-        c, p, g = self.config, self._p, self._g
+        c, p, g, K = self.config, self._p, self._g, self._K
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
         dh = ws.dh_out.reshape(T * B, H)
@@ -281,7 +316,7 @@ class Model:
             dxp2 = ws.dxp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
                 K.embedding_backward(ws.w_ih0_t, g["rnn.bias_ih_l0"], dxp2, ws.ids)
-                np.copyto(g["rnn.weight_ih_l0"], ws.w_ih0_t.T)
+                K.transpose(g["rnn.weight_ih_l0"], ws.w_ih0_t)
                 continue
             if k == 0:
                 dinp = ws.demb
@@ -302,8 +337,8 @@ class Model:
     def _set_state_in(self, ws, state):
         if state is None:
             for lay in ws.layers:
-                lay.hs[0] = 0
-                lay.cs[:1] = 0
+                self._K.put(lay.hs[0], 0)
+                self._K.put(lay.cs[0], 0)
             return
         want = self.initial_state(ws.B)
         if not isinstance(state, (tuple, list)) or len(state) != len(want):
@@ -315,22 +350,23 @@ class Model:
                 raise CharrnnError(f"state has shape {s.shape} but this batch needs {w.shape} "
                                    "(a state from a different batch size or model?)")
         for k, lay in enumerate(ws.layers):
-            lay.hs[0] = state[0][k]
+            self._K.put(lay.hs[0], state[0][k])
             if len(state) == 2:
-                lay.cs[0] = state[1][k]
+                self._K.put(lay.cs[0], state[1][k])
 
     def _state_out(self, ws):
-        h = np.stack([lay.hs[-1] for lay in ws.layers])
+        get = self._K.get
+        h = np.stack([get(lay.hs[-1]) for lay in ws.layers])
         if self.config["cell"] == "lstm":
-            return h, np.stack([lay.cs[-1] for lay in ws.layers])
+            return h, np.stack([get(lay.cs[-1]) for lay in ws.layers])
         return (h,)
 
 
 class _Layer:
     """Per-layer buffers of one window, kept for the backward pass."""
 
-    def __init__(self, cell, B, T, H, G, dtype):
-        z = lambda *s: np.zeros(s, dtype=dtype)  # noqa: E731
+    def __init__(self, zeros, cell, B, T, H, G, dtype):
+        z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
         self.xp = z(T, B, G * H)
         self.hs = z(T + 1, B, H)
         self.cs = z(T + 1, B, H) if cell == "lstm" else z(1, 1, 1)
@@ -346,27 +382,28 @@ class _Workspace:
     and reused: no allocation per step or per window."""
 
     def __init__(self, model, B, T):
-        c, dt = model.config, model.dtype
+        c, dt, zeros = model.config, model.dtype, model._K.zeros
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
         G = CELLS[c["cell"]]
         self.B, self.T = B, T
-        self.layers = [_Layer(c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
-        self.gh = np.zeros((B, G * H), dt)
-        self.logits = np.zeros((T * B, V), dt)
-        self.dlogits = np.zeros((T * B, V), dt)
-        self.dh_out = np.zeros((T, B, H), dt)
-        self.dxp = np.zeros((T, B, G * H), dt)
+        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
+        self.gh = zeros((B, G * H), dt)
+        self.logits = zeros((T * B, V), dt)
+        self.dlogits = zeros((T * B, V), dt)
+        self.dh_out = zeros((T, B, H), dt)
+        self.dxp = zeros((T, B, G * H), dt)
         # GRU's recurrent gradient differs from dxp; the other cells share it
-        self.dgh = np.zeros((T, B, G * H), dt) if c["cell"] == "gru" else self.dxp
-        self.dh_rec = np.zeros((B, H), dt)
-        self.carry = np.zeros((B, H), dt)
+        self.dgh = zeros((T, B, G * H), dt) if c["cell"] == "gru" else self.dxp
+        self.dh_rec = zeros((B, H), dt)
+        self.carry = zeros((B, H), dt)
         if E:
-            self.emb = np.zeros((T * B, E), dt)
-            self.demb = np.zeros((T * B, E), dt)
-            self.zero_e = np.zeros(E, dt)   # the encoder has no bias
-            self.dzero_e = np.zeros(E, dt)
+            self.emb = zeros((T * B, E), dt)
+            self.demb = zeros((T * B, E), dt)
+            self.zero_e = zeros(E, dt)   # the encoder has no bias
+            self.dzero_e = zeros(E, dt)
         else:
-            self.w_ih0_t = np.zeros((V, G * H), dt)
-        self.ddropped = np.zeros((T * B, H), dt) if c["dropout"] > 0 else None
-        self.ids = None
+            self.w_ih0_t = zeros((V, G * H), dt)
+        self.ddropped = zeros((T * B, H), dt) if c["dropout"] > 0 else None
+        self.ids = zeros(T * B, np.int32)
+        self.targets = zeros(T * B, np.int32)
         self.dropout_on = False

@@ -13,30 +13,32 @@ SCHEDULES = ("constant", "cosine", "step")
 
 class Optimizer:
     """One of ``OPTIMIZERS``, updating ``params`` in place from ``grads``
-    (both the model's flat float32 buffers) in one fused kernel call.
+    (both the model's flat float32 buffers, on the host or, with the CUDA
+    ``kernels``, on the device) in one fused kernel call.
 
     Hyper-parameters follow PyTorch's defaults: Adam betas (0.9, 0.999),
     eps 1e-8; RMSprop alpha 0.99, eps 1e-8; Adagrad eps 1e-10.
     """
 
-    def __init__(self, name, params, grads, momentum=0.0, weight_decay=0.0):
+    def __init__(self, name, params, grads, momentum=0.0, weight_decay=0.0, kernels=K):
         if name not in OPTIMIZERS:
             raise CharrnnError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
         if momentum < 0 or momentum >= 1:
             raise CharrnnError(f"momentum must be in [0, 1), not {momentum}")
         if weight_decay < 0:
             raise CharrnnError(f"weight decay must be >= 0, not {weight_decay}")
-        self.name, self.params, self.grads = name, params, grads
+        self.name, self.params, self.grads, self._K = name, params, grads, kernels
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.step_count = 0
         slots = {"adam": ("m", "v"), "adamw": ("m", "v"), "rmsprop": ("v", "buf"),
                  "adagrad": ("s",), "sgd": ("buf",)}[name]
-        self.state = {k: np.zeros_like(params) for k in slots}
+        self.state = {k: kernels.zeros(params.shape, params.dtype) for k in slots}
 
     def step(self, lr, clip=0.0):
         """Apply one update with learning rate ``lr``; with ``clip`` > 0 the
         gradient is first scaled so its global L2 norm is at most ``clip``.
         Returns the gradient norm before clipping."""
+        K = self._K
         norm = math.sqrt(K.squared_norm(self.grads))
         scale = clip / (norm + 1e-6) if 0 < clip < norm else 1.0  # PyTorch's clip_grad_norm_
         self.step_count += 1
@@ -53,13 +55,14 @@ class Optimizer:
         return norm
 
     def state_dict(self):
-        return {"step_count": self.step_count, **{k: v.copy() for k, v in self.state.items()}}
+        return {"step_count": self.step_count,
+                **{k: np.array(self._K.get(v)) for k, v in self.state.items()}}
 
     def load_state_dict(self, d):
         for k, v in self.state.items():
             if k not in d or np.shape(d[k]) != v.shape:
                 raise CharrnnError(f"optimizer state {k!r} is missing or has the wrong shape")
-            v[...] = d[k]
+            self._K.put(v, d[k])
         self.step_count = int(d["step_count"])
 
 

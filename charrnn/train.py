@@ -82,7 +82,6 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
         need(self.device in ("cpu", "cuda", "auto"), f"--device must be cpu, cuda or auto, not {self.device!r}")
-        need(self.device != "cuda", "--device cuda: this charrnn has no CUDA backend yet; use --device cpu")
         for name in ("steps", "epochs", "minutes"):
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")
@@ -214,14 +213,14 @@ class _Run:
         self.val_windows = self._windows(val_ids, "validation")
 
         if saved:
-            self.model = saved.model()
+            self.model = saved.model(device=cfg.device)
         else:
             self.model = Model(len(vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
                                embed=cfg.embed, dropout=cfg.dropout, seed=cfg.seed,
-                               nonlinearity=cfg.nonlinearity)
+                               nonlinearity=cfg.nonlinearity, device=cfg.device)
             self.model.vocab = vocab
         self.opt = Optimizer(cfg.optimizer, self.model.params, self.model.grads,
-                             cfg.momentum, cfg.weight_decay)
+                             cfg.momentum, cfg.weight_decay, self.model._K)
         n = len(self.train_windows)
         budget = [cfg.steps] if cfg.steps else []
         if cfg.epochs:
@@ -283,7 +282,7 @@ class _Run:
                 k = self.step % n
                 if k == 0:
                     self.state = None  # a new epoch starts each stream afresh
-                loss, _, state = self.model.loss_and_grads(*self.train_windows[k], self.state)
+                loss, state = self.model._train_pass(*self.train_windows[k], self.state)
                 self._check_loss(loss)
                 lr = learning_rate(self.step, cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
                                    self.decay_every, cfg.decay)

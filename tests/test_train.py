@@ -188,7 +188,7 @@ def run_cli(*args):
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--val-frac", "1.5"], "--val-frac"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--schedule", "cosine"], "needs --steps"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--resume", "nowhere"], "no such checkpoint"),
-    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "CUDA"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "--device cuda: .*(CUDA|cuda)"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, make, args, match):
     import re

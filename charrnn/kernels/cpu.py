@@ -165,6 +165,28 @@ def _matmul_impl(out, a, b, trans_a, trans_b):
     return dgemm
 
 
+# ------------------------------------------------------------- array moves
+# The model allocates and moves arrays through these, so the same
+# orchestration drives host arrays here and device arrays in cuda.py.
+
+zeros = np.zeros
+
+
+def put(dst, src):
+    """dst[...] = src (src: a host array or a number)."""
+    dst[...] = src
+
+
+def get(a):
+    """``a`` as a host array (here it already is one: no copy)."""
+    return a
+
+
+def transpose(out, a):
+    """out = a.T (both C-contiguous)."""
+    np.copyto(out, a.T)
+
+
 # ---------------------------------------------------------------- input side
 
 @njit(**_JIT)
@@ -559,7 +581,7 @@ def pick_token(logits, probs, temperature, top_k, top_p, u):
     for v in range(V):
         probs[v] = np.exp((logits[v] - m) * inv_t)
     if (0 < top_k < V) or top_p < 1.0:
-        order = np.argsort(-probs)
+        order = np.argsort(-probs, kind="mergesort")  # ties: lower id first, as on the GPU
         total = 0.0
         for v in range(V):
             total += probs[v]

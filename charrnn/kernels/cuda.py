@@ -25,11 +25,13 @@ same code runs on the CPU simulator, which is how the tests check it.
 import math
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import config, cuda, float32, float64
 
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3  # cell ids, as in cpu.py
 
-TILE = 16  # GEMM tiles are TILE x TILE, one thread per output element
+# GEMM tiles are TILE x TILE, one thread per output element. The simulator
+# runs every GPU thread as a Python thread, so there the tiles are small.
+TILE = 4 if config.ENABLE_CUDASIM else 16
 TPB = 128  # threads per block of the one-dimensional kernels
 _PADDED = TILE + 1  # shared tiles get a spare column: column writes then avoid bank conflicts
 
@@ -205,6 +207,48 @@ def _fill_kernel(a, value):
 
 def _zero(a):
     _fill_kernel[_launch(a.size)](a.reshape(a.size), _ZERO)
+
+
+# --------------------------------------------------------------- array moves
+# The same four names as in cpu.py: the model allocates and moves arrays
+# through them, so one orchestration drives both backends.
+
+def zeros(shape, dtype=np.float32):
+    return cuda.to_device(np.zeros(shape, dtype))
+
+
+def put(dst, src):
+    """dst[...] = src, from a host array or a number."""
+    dst.copy_to_device(np.ascontiguousarray(np.broadcast_to(np.asarray(src, dst.dtype), dst.shape)))
+
+
+def get(a):
+    """A host copy of device array ``a``."""
+    return a.copy_to_host()
+
+
+@cuda.jit
+def _transpose_kernel(out, a):
+    i, j = cuda.grid(2)
+    if i < out.shape[0] and j < out.shape[1]:
+        out[i, j] = a[j, i]
+
+
+def transpose(out, a):
+    """out = a.T."""
+    grid = (-(-out.shape[0] // TILE), -(-out.shape[1] // TILE))
+    _transpose_kernel[grid, (TILE, TILE)](out, a)
+
+
+def available():
+    """None when a CUDA device (or the simulator) can run kernels, else why not."""
+    try:
+        if not cuda.is_available():
+            return "no CUDA GPU or driver was found"
+        cuda.to_device(np.zeros(1, np.float32)).copy_to_host()
+    except Exception as e:  # a broken driver or toolkit: say so, do not crash
+        return f"CUDA is not usable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
 
 
 # ------------------------------------------------------------ cell equations
