@@ -17,7 +17,7 @@ from . import corpora
 from .atomic import atomic_write
 from .data import Vocab, Windows, encode_files, split
 from .errors import CharrnnError
-from .model import Model
+from .model import Model, kernels_for
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
 
 LN2 = math.log(2)
@@ -33,7 +33,7 @@ class TrainConfig:
     hidden: int = 256             # units per layer
     layers: int = 2
     embed: int = 0                # 0: one-hot input, else embedding size
-    dropout: float = 0.0          # between layers, training only
+    dropout: float = 0.25         # between layers, training only
     nonlinearity: str = "tanh"    # rnn only: tanh | relu
     seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 50               # B: parallel streams
@@ -81,7 +81,7 @@ class TrainConfig:
         need(0 < self.decay <= 1, f"--decay must be in (0, 1], not {self.decay}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
-        need(self.device in ("cpu", "cuda", "auto"), f"--device must be cpu, cuda or auto, not {self.device!r}")
+        kernels_for(self.device)  # a GPU asked for but missing: say so before reading data
         for name in ("steps", "epochs", "minutes"):
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")

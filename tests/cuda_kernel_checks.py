@@ -336,6 +336,7 @@ def ptx_check():
         "_column_sum_kernel": (a1, a2),
         "_multiply_kernel": (a1, a1, a1),
         "_fill_kernel": (a1, f4),
+        "_transpose_kernel": (a2, a2),
         "_cell_forward_kernel": (i8, i8, a3, a2, a1, a3, a3, a3, a3),
         "_cell_backward_kernel": (i8, i8, a3, a2, a3, a3, a3, a3, a2, a3, a3),
         "_softmax_cross_entropy_kernel": (a2, f8[::1], a2, ids, f8),
