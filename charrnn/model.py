@@ -193,8 +193,9 @@ class Model:
         """One training pass over a window: mean cross-entropy over B*T,
         gradients, and the next state.
 
-        ``grads`` maps each ``state_dict`` name to a view of ``self.grads``;
-        the next call overwrites them. Dropout, if any, applies here, with
+        ``grads`` maps each ``state_dict`` name to a view of ``self.grads``
+        (a host copy for a GPU model); the next call overwrites the views.
+        Dropout, if any, applies here, with
         the same mask in the forward and backward pass.
         """
         loss, state = self._train_pass(x, y, state)

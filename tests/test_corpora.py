@@ -354,3 +354,20 @@ def test_resolve_unknown_raises(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CharrnnError, match="'nothing-here' is neither a file, a directory, a built-in"):
         corpora.resolve("nothing-here")
+
+
+# ---------------------------------------------------------------------- CLI
+
+def test_cli_fetch_prints_the_verified_path_and_train_takes_the_name(server, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from charrnn.cli import main
+    server.files["/tiny.txt"] = BODY
+    monkeypatch.setattr(corpora, "registry", lambda: {"tiny": _entry(server.url("/tiny.txt"), BODY)})
+    monkeypatch.setenv("CHARRNN_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(main, ["corpora", "fetch", "tiny", "--dir", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert Path(r.stdout.strip().splitlines()[-1]).read_bytes() == BODY
+    r = CliRunner().invoke(main, ["train", "tiny", "--out", str(tmp_path / "run"), "--steps", "2",
+                                  "--hidden", "8", "--batch", "4", "--seq-len", "8", "--quiet"])
+    assert r.exit_code == 0, r.output
