@@ -39,6 +39,19 @@ def kernels_for(device):
     raise CharrnnError(f"--device cuda: {why}")
 
 
+_SHARD_ROWS = 4  # the thinnest shard worth a thread: 2x4 streams beat 1x8 (README, speed)
+_BLAS_POOLS = None
+
+
+def _one_thread_blas():
+    """Every BLAS pool at one thread, for the duration (a shard is a thread)."""
+    global _BLAS_POOLS
+    if _BLAS_POOLS is None:  # found once: enumerating the libraries is slow
+        from threadpoolctl import ThreadpoolController
+        _BLAS_POOLS = ThreadpoolController().select(user_api="blas")
+    return _BLAS_POOLS.limit(limits=1)
+
+
 def _memory_bytes():
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -105,6 +118,7 @@ class Model:
         self._rng = np.random.default_rng(seed)      # init, then dropout masks
         self._init_weights()
         self._workspaces = {}
+        self._executor = None  # the shard threads, started on first use
         self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
     # ------------------------------------------------------------ layout
@@ -178,16 +192,20 @@ class Model:
     def forward(self, x, state=None):
         """Logits [B,T,V] for ids ``x`` [B,T], and the state after the window.
         Inference: no dropout."""
-        ws = self._run_forward(x, state, train=False)
+        ids = self._ids(x)
+        T, B = ids.shape
+        ws = self._workspace(B, T, 0)
+        self._K.put(ws.ids, ids.reshape(-1))
+        self._set_state_in(ws, self._check_state(state, B))
+        self._run_forward(ws, [None] * (self.config["layers"] - 1))
         logits = self._K.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
         return np.ascontiguousarray(logits), self._state_out(ws)
 
     def loss(self, x, y, state=None):
         """Mean cross-entropy (nats) of targets ``y`` given ``x``, both [B,T],
         and the next state. Inference: no dropout, no gradients."""
-        ws = self._run_forward(x, state, train=False)
-        total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y), 0.0)
-        return total / (ws.B * ws.T), self._state_out(ws)
+        total, state = self._pass(x, y, state, train=False)
+        return total / np.size(x), state
 
     def loss_and_grads(self, x, y, state=None):
         """One training pass over a window: mean cross-entropy over B*T,
@@ -204,11 +222,77 @@ class Model:
     def _train_pass(self, x, y, state):
         """loss_and_grads without handing out the gradients: they stay in
         ``self.grads`` (on the device, for a GPU model) for the optimizer."""
-        ws = self._run_forward(x, state, train=True)
-        total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, self._targets(ws, y),
-                                              1.0 / (ws.B * ws.T))
-        self._run_backward(ws)
-        return total / (ws.B * ws.T), self._state_out(ws)
+        total, state = self._pass(x, y, state, train=True)
+        return total / np.size(x), state
+
+    def _pass(self, x, y, state, train):
+        """Summed cross-entropy of a window and the next state; with ``train``
+        (dropout on) the gradients of the mean land in ``self.grads``.
+
+        On the CPU the batch is cut into one shard of streams per thread
+        (Numba's thread count, which ``--threads`` sets), each shard run by
+        its own thread with a one-thread BLAS, and the shards' gradients
+        summed in a fixed order. The per-step GEMMs are too small to split
+        well across BLAS threads; whole shards split almost perfectly.
+        """
+        ids, targets = self._ids(x), self._ids(y, "y")
+        if targets.shape != ids.shape:
+            raise CharrnnError(f"y has shape {targets.shape[::-1]}, x has {ids.shape[::-1]}")
+        T, B = ids.shape
+        state = self._check_state(state, B)
+        drop = train and self.config["dropout"] > 0
+        # every mask drawn here, in layer order, so that shards change nothing
+        masks = [self._dropout_mask((T, B, self.config["hidden"])) if drop else None
+                 for _ in range(self.config["layers"] - 1)]
+        scale = 1.0 / (B * T) if train else 0.0
+        cuts = self._shard_cuts(B)
+        jobs = []
+        for s in range(len(cuts) - 1):
+            b = slice(cuts[s], cuts[s + 1])
+            ws = self._workspace(b.stop - b.start, T, s)
+            grads = self._g if s == 0 else ws.grads(self)
+            part = None if state is None else tuple(a[:, b] for a in state)
+            jobs.append((ws, ids[:, b], targets[:, b], part,
+                         [None if m is None else m[:, b] for m in masks], grads))
+        if len(jobs) == 1:
+            total = self._shard_pass(*jobs[0], scale, train)
+        else:
+            with _one_thread_blas():
+                pool = self._pool(len(jobs) - 1)
+                futures = [pool.submit(self._shard_pass, *job, scale, train) for job in jobs[1:]]
+                totals = [self._shard_pass(*jobs[0], scale, train)] + [f.result() for f in futures]
+            total = sum(totals)
+            if train:
+                for job in jobs[1:]:
+                    self.grads += job[0].grad_flat
+        states = [self._state_out(job[0]) for job in jobs]
+        return total, tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
+
+    def _shard_pass(self, ws, ids, targets, state, masks, grads, scale, train):
+        self._K.put(ws.ids, ids.reshape(-1))
+        self._K.put(ws.targets, targets.reshape(-1))
+        self._set_state_in(ws, state)
+        self._run_forward(ws, masks)
+        total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
+        if train:
+            self._run_backward(ws, grads)
+        return total
+
+    def _shard_cuts(self, B):
+        """Stream boundaries of the shards: as many as threads, but none
+        thinner than _SHARD_ROWS streams; a GPU model runs one."""
+        n = 1
+        if self._K is K:
+            import numba
+            n = max(1, min(numba.get_num_threads(), B // _SHARD_ROWS))
+        return [B * s // n for s in range(n + 1)]
+
+    def _pool(self, workers):
+        if self._executor is None or self._executor[0] < workers:
+            from concurrent.futures import ThreadPoolExecutor
+            self._executor = workers, ThreadPoolExecutor(workers, "charrnn-shard",
+                                                         initializer=self._K.one_blas_thread_here)
+        return self._executor[1]
 
     # ------------------------------------------------------------ text
     # Thin delegates to charrnn.generate (imported here, at call time, since
@@ -238,12 +322,12 @@ class Model:
         save_model(path, self)
 
     # ------------------------------------------------------------ internals
-    def _workspace(self, B, T):
-        ws = self._workspaces.get((B, T))
+    def _workspace(self, B, T, shard):
+        ws = self._workspaces.get((B, T, shard))
         if ws is None:
-            if len(self._workspaces) >= 4:  # training + validation shapes, typically
+            if len(self._workspaces) >= 8:  # training + validation shapes, 2 shards each
                 self._workspaces.clear()
-            ws = self._workspaces[B, T] = _Workspace(self, B, T)
+            ws = self._workspaces[B, T, shard] = _Workspace(self, B, T)
         return ws
 
     def _ids(self, x, name="x"):
@@ -257,22 +341,12 @@ class Model:
             raise CharrnnError(f"{name} holds ids outside [0, {V})")
         return np.ascontiguousarray(x.T, dtype=np.int32)  # time-major [T, B]
 
-    def _targets(self, ws, y):
-        y = self._ids(y, "y")
-        if y.shape != (ws.T, ws.B):
-            raise CharrnnError(f"y has shape {y.shape[::-1]}, x has {(ws.B, ws.T)}")
-        self._K.put(ws.targets, y.reshape(-1))
-        return ws.targets
-
-    def _run_forward(self, x, state, train):
-        ids = self._ids(x)
-        T, B = ids.shape
-        ws = self._workspace(B, T)
-        self._K.put(ws.ids, ids.reshape(-1))
-        self._set_state_in(ws, state)
+    def _run_forward(self, ws, masks):
+        """Forward through ``ws`` (ids and state in place); ``masks[k]`` is the
+        dropout mask on layer k's output, or None."""
         c, p, K = self.config, self._p, self._K
-        L, H = c["layers"], c["hidden"]
-        drop = train and c["dropout"] > 0
+        L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
+        drop = masks[0] is not None if masks else False
         for k in range(L):
             lay = ws.layers[k]
             xp2 = lay.xp.reshape(T * B, -1)
@@ -288,7 +362,7 @@ class Model:
                     below = ws.layers[k - 1]
                     inp = below.hs[1:].reshape(T * B, H)
                     if drop:
-                        K.put(below.mask, self._dropout_mask(below.mask.shape))
+                        K.put(below.mask, masks[k - 1])
                         K.apply_dropout(below.dropped, inp, below.mask)
                         inp = below.dropped
                 lay.inp = inp
@@ -299,10 +373,10 @@ class Model:
         ws.dropout_on = drop
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
         K.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"])
-        return ws
 
-    def _run_backward(self, ws):
-        c, p, g, K = self.config, self._p, self._g, self._K
+    def _run_backward(self, ws, g):
+        """BPTT through ``ws``, writing the gradients into the views ``g``."""
+        c, p, K = self.config, self._p, self._K
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
         dh = ws.dh_out.reshape(T * B, H)
@@ -335,21 +409,27 @@ class Model:
         keep = self._rng.random(shape, dtype=np.float32) >= p
         return keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
 
+    def _check_state(self, state, B):
+        """``state`` as a tuple of host arrays fit for ``B`` streams (or None)."""
+        if state is None:
+            return None
+        want = self.initial_state(B)
+        if not isinstance(state, (tuple, list)) or len(state) != len(want):
+            raise CharrnnError(f"state must be a tuple of {len(want)} arrays "
+                               f"[layers, batch, hidden] for a {self.config['cell']} model")
+        state = tuple(np.asarray(s) for s in state)
+        for s, w in zip(state, want):
+            if s.shape != w.shape:
+                raise CharrnnError(f"state has shape {s.shape} but this batch needs {w.shape} "
+                                   "(a state from a different batch size or model?)")
+        return state
+
     def _set_state_in(self, ws, state):
         if state is None:
             for lay in ws.layers:
                 self._K.put(lay.hs[0], 0)
                 self._K.put(lay.cs[0], 0)
             return
-        want = self.initial_state(ws.B)
-        if not isinstance(state, (tuple, list)) or len(state) != len(want):
-            raise CharrnnError(f"state must be a tuple of {len(want)} arrays "
-                               f"[layers, batch, hidden] for a {self.config['cell']} model")
-        for s, w in zip(state, want):
-            s = np.asarray(s)
-            if s.shape != w.shape:
-                raise CharrnnError(f"state has shape {s.shape} but this batch needs {w.shape} "
-                                   "(a state from a different batch size or model?)")
         for k, lay in enumerate(ws.layers):
             self._K.put(lay.hs[0], state[0][k])
             if len(state) == 2:
@@ -408,3 +488,12 @@ class _Workspace:
         self.ids = zeros(T * B, np.int32)
         self.targets = zeros(T * B, np.int32)
         self.dropout_on = False
+        self.grad_flat = None
+
+    def grads(self, model):
+        """Gradient views of the shard's own (shards other than the first
+        cannot write into the model's)."""
+        if self.grad_flat is None:
+            self.grad_flat = np.zeros_like(model.grads)
+            self.grad_views = model._views(self.grad_flat)
+        return self.grad_views

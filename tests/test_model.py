@@ -76,7 +76,7 @@ def test_dropout_uses_the_same_mask_forward_and_backward(cell):
     params = m.state_dict()
     (x, y), _ = windows()
     loss, grads, _ = m.loss_and_grads(x, y)
-    masks = [lay.mask.copy() for lay in m._workspaces[B, T].layers]
+    masks = [lay.mask.copy() for lay in m._workspaces[B, T, 0].layers]
     assert any((mk == 0).any() for mk in masks[:-1])
     want, _ = ref.loss(params, x, y, cell, 3, masks=masks)
     assert loss == pytest.approx(want, rel=1e-12)
@@ -96,8 +96,42 @@ def test_dropout_is_off_in_forward_and_loss():
 def test_dropout_masks_scale_kept_units_by_inverse_keep_rate():
     m = make_model("gru", "tanh", 2, None, dropout=0.25)
     m.loss_and_grads(*windows()[0])
-    mask = m._workspaces[B, T].layers[0].mask
+    mask = m._workspaces[B, T, 0].layers[0].mask
     assert set(np.unique(mask)) <= {0.0, np.float64(1 / 0.75)}
+
+
+
+@pytest.fixture
+def threads():
+    """Set Numba's thread count (which sets the number of training shards)
+    for the test, and put it back."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    old = numba.get_num_threads()
+    yield numba.set_num_threads
+    numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_batch_shards_give_the_one_shard_losses_gradients_and_states(cell, threads):
+    stream = np.random.default_rng(3).integers(0, V, size=(9, 2 * T + 1))
+    x1, y1, x2, y2 = stream[:, :T], stream[:, 1:T + 1], stream[:, T:2 * T], stream[:, T + 1:]
+    results = []
+    for n in (1, 2):
+        threads(n)
+        m = make_model(cell, "tanh", 3, E, dropout=0.3)  # float64: only the sum order differs
+        loss1, _, state = m.loss_and_grads(x1, y1)
+        loss2, grads, state = m.loss_and_grads(x2, y2, state)
+        val, _ = m.loss(x2, y2, state)
+        results.append((loss1, loss2, val, {k: g.copy() for k, g in grads.items()}, state))
+    assert len(m._workspaces) == 2  # two shards of 4 and 5 streams ran
+    (a1, a2, av, ag, ast), (b1, b2, bv, bg, bst) = results
+    assert (a1, a2, av) == pytest.approx((b1, b2, bv), rel=1e-13)
+    for name in ag:
+        assert rel_err(bg[name], ag[name]) < 1e-12, name
+    for sa, sb in zip(ast, bst):
+        np.testing.assert_allclose(sb, sa, rtol=1e-12)
 
 
 def test_state_from_another_batch_size_is_an_error():

@@ -24,7 +24,8 @@ from numba.extending import overload
 
 # fastmath without nnan/ninf: those would delete the isfinite checks on losses.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-_JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy")
+# nogil: training shards run the kernels from several threads at once.
+_JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 _ONE = np.float32(1.0)
@@ -124,16 +125,20 @@ def _mkl_library():
         return None
 
 
-def _bind_sgemm():
-    mkl = _mkl_library()
-    if mkl is not None:
-        llvm.add_symbol("charrnn_sgemm", ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p).value)
-        return "mkl"
+_MKL = _mkl_library()
+if _MKL is not None:
+    llvm.add_symbol("charrnn_sgemm", ctypes.cast(_MKL.cblas_sgemm, ctypes.c_void_p).value)
+else:
     llvm.add_symbol("charrnn_sgemm", _sgemm_numpy.address)
-    return "openblas"
+BLAS = "mkl" if _MKL is not None else "openblas"  # which library the float32 GEMMs use
 
 
-BLAS = _bind_sgemm()  # which library the float32 GEMMs use
+def one_blas_thread_here():
+    """Single-threaded GEMMs for the calling thread, which runs a training
+    shard. OpenBLAS's count is global (threadpoolctl sets it); MKL's is kept
+    per thread, so a new thread must set its own."""
+    if _MKL is not None:
+        _MKL.MKL_Set_Num_Threads_Local(1)
 
 
 def matmul(out, a, b, trans_a, trans_b):
