@@ -39,7 +39,10 @@ def kernels_for(device):
     raise CharrnnError(f"--device cuda: {why}")
 
 
-_SHARD_ROWS = 4  # the thinnest shard worth a thread: 2x4 streams beat 1x8 (README, speed)
+# The thinnest training shard worth a thread (measured, README "Benchmarks"):
+# with MKL two shards of 4 streams beat one of 8; OpenBLAS's own threads do as
+# well as shards at B=50 and better at small batches, so with it: one shard.
+_SHARD_ROWS = 4 if K.BLAS == "mkl" else 0
 _BLAS_POOLS = None
 
 
@@ -280,9 +283,9 @@ class Model:
 
     def _shard_cuts(self, B):
         """Stream boundaries of the shards: as many as threads, but none
-        thinner than _SHARD_ROWS streams; a GPU model runs one."""
+        thinner than _SHARD_ROWS streams; a GPU model, or one shard only."""
         n = 1
-        if self._K is K:
+        if self._K is K and _SHARD_ROWS:
             import numba
             n = max(1, min(numba.get_num_threads(), B // _SHARD_ROWS))
         return [B * s // n for s in range(n + 1)]
