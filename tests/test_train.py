@@ -73,6 +73,22 @@ def test_resume_continues_bit_identically(corpus, tmp_path, optimizer):
     assert all(np.array_equal(whole.params[k], split.params[k]) for k in whole.params)
 
 
+
+def test_sharded_training_resumes_bit_identically(corpus, tmp_path, monkeypatch):
+    import numba
+
+    import charrnn.model
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    monkeypatch.setattr(charrnn.model, "_SHARD_ROWS", 4)  # shard whatever the BLAS
+    opts = dict(TINY, batch=8, threads=2, dropout=0.2)
+    model = train(corpus, out=tmp_path / "whole", steps=30, **opts)
+    assert {key[2] for key in model._workspaces} == {0, 1}  # two shards ran
+    train(corpus, out=tmp_path / "split", steps=15, **opts)
+    train(corpus, resume=tmp_path / "split", steps=30, quiet=True, threads=2)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
 def test_best_checkpoint_holds_the_lowest_validation_loss(corpus, tmp_path):
     train(corpus, out=tmp_path, steps=30, **TINY)
     best = checkpoint.load(tmp_path, prefer="best")
