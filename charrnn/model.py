@@ -39,10 +39,7 @@ def kernels_for(device):
     raise CharrnnError(f"--device cuda: {why}")
 
 
-# The thinnest training shard worth a thread (measured, README "Benchmarks"):
-# with MKL two shards of 4 streams beat one of 8; OpenBLAS's own threads do as
-# well as shards at B=50 and better at small batches, so with it: one shard.
-_SHARD_ROWS = 4 if K.BLAS == "mkl" else 0
+_SHARD_ROWS = 4  # the thinnest training shard worth a thread (measured: README, Benchmarks)
 _BLAS_POOLS = None
 
 
@@ -282,12 +279,17 @@ class Model:
         return total
 
     def _shard_cuts(self, B):
-        """Stream boundaries of the shards: as many as threads, but none
-        thinner than _SHARD_ROWS streams; a GPU model, or one shard only."""
-        n = 1
-        if self._K is K and _SHARD_ROWS:
-            import numba
-            n = max(1, min(numba.get_num_threads(), B // _SHARD_ROWS))
+        """Stream boundaries of the shards: one per thread, none thinner than
+        _SHARD_ROWS streams; a GPU model runs one. OpenBLAS's one-thread GEMMs
+        at 9 to 32 rows run at about half MKL's rate (measured), so with it
+        only shards thin enough for the few-rows kernel (cpu.FEW_ROWS) pay;
+        thicker batches run as one shard on OpenBLAS's own threads."""
+        if self._K is not K:
+            return [0, B]
+        import numba
+        n = max(1, min(numba.get_num_threads(), B // _SHARD_ROWS))
+        if K.BLAS != "mkl" and B > n * K.FEW_ROWS:
+            n = 1
         return [B * s // n for s in range(n + 1)]
 
     def _pool(self, workers):
@@ -387,7 +389,9 @@ class Model:
                           top, p["decoder.weight"])
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
-            K.recurrent_backward(self._cell_id, ws.dh_out, p[f"rnn.weight_hh_l{k}"],
+            if B <= K.FEW_ROWS:  # the few-rows product reads W_hh transposed
+                K.transpose(lay.w_hh_t, p[f"rnn.weight_hh_l{k}"])
+            K.recurrent_backward(self._cell_id, ws.dh_out, p[f"rnn.weight_hh_l{k}"], lay.w_hh_t,
                                  lay.hs, lay.cs, lay.gates, lay.hn, ws.dxp, ws.dgh,
                                  ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
                                  g[f"rnn.bias_hh_l{k}"])
@@ -449,13 +453,14 @@ class Model:
 class _Layer:
     """Per-layer buffers of one window, kept for the backward pass."""
 
-    def __init__(self, zeros, cell, B, T, H, G, dtype):
+    def __init__(self, zeros, cell, B, T, H, G, dtype, few_rows):
         z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
         self.xp = z(T, B, G * H)
         self.hs = z(T + 1, B, H)
         self.cs = z(T + 1, B, H) if cell == "lstm" else z(1, 1, 1)
         self.hn = z(T, B, H) if cell == "gru" else z(1, 1, 1)
         self.gates = z(T, B, G * H) if cell != "rnn" else z(1, 1, 1)
+        self.w_hh_t = z(H, G * H) if B <= few_rows else z(1, 1)  # see recurrent_backward
         self.mask = z(T, B, H)      # dropout on this layer's output
         self.dropped = z(T * B, H)
         self.inp = None
@@ -470,7 +475,8 @@ class _Workspace:
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
         G = CELLS[c["cell"]]
         self.B, self.T = B, T
-        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
+        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, model._K.FEW_ROWS)
+                       for _ in range(c["layers"])]
         self.gh = zeros((B, G * H), dt)
         self.logits = zeros((T * B, V), dt)
         self.dlogits = zeros((T * B, V), dt)

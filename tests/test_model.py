@@ -102,15 +102,12 @@ def test_dropout_masks_scale_kept_units_by_inverse_keep_rate():
 
 
 @pytest.fixture
-def threads(monkeypatch):
+def threads():
     """Set Numba's thread count (which sets the number of training shards)
-    for the test, and put it back; shards on whatever the BLAS."""
+    for the test, and put it back."""
     import numba
-
-    import charrnn.model
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs two Numba threads")
-    monkeypatch.setattr(charrnn.model, "_SHARD_ROWS", 4)
     old = numba.get_num_threads()
     yield numba.set_num_threads
     numba.set_num_threads(old)

@@ -364,11 +364,15 @@ def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
         _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, hs, cs, gates, hn)
 
 
-def recurrent_backward(cell, dh_out, w_hh, hs, cs, gates, hn,
+FEW_ROWS = 0  # the CPU's few-rows product (see cpu.FEW_ROWS) has no GPU twin
+
+
+def recurrent_backward(cell, dh_out, w_hh, w_hh_t, hs, cs, gates, hn,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh):
     """Truncated BPTT through one layer over a window (see
     cpu.recurrent_backward): for LSTM/RNN the caller passes dxp as dgh.
-    dh_rec, carry [B,H] scratch; dw_hh, db_hh overwritten."""
+    dh_rec, carry [B,H] scratch; dw_hh, db_hh overwritten. ``w_hh_t`` is not
+    read: with FEW_ROWS = 0 every product here reads ``w_hh``."""
     T, B, H = dh_out.shape[0], dh_out.shape[1], hs.shape[2]
     G = dgh.shape[2]
     _zero(carry)
