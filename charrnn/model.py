@@ -229,9 +229,9 @@ class Model:
         """Summed cross-entropy of a window and the next state; with ``train``
         (dropout on) the gradients of the mean land in ``self.grads``.
 
-        On the CPU the batch is cut into one shard of streams per thread
-        (Numba's thread count, which ``--threads`` sets), each shard run by
-        its own thread with a one-thread BLAS, and the shards' gradients
+        On the CPU the batch is cut into shards of streams (see _shard_cuts;
+        one per thread of Numba's count, which ``--threads`` sets), each run
+        by its own thread with a one-thread BLAS, and the shards' gradients
         summed in a fixed order. The per-step GEMMs are too small to split
         well across BLAS threads; whole shards split almost perfectly.
         """
