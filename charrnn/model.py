@@ -119,6 +119,7 @@ class Model:
         self._init_weights()
         self._workspaces = {}
         self._executor = None  # the shard threads, started on first use
+        self._w_hh_t = None    # transposed recurrent weights, for BPTT at few streams
         self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
     # ------------------------------------------------------------ layout
@@ -254,13 +255,18 @@ class Model:
             part = None if state is None else tuple(a[:, b] for a in state)
             jobs.append((ws, ids[:, b], targets[:, b], part,
                          [None if m is None else m[:, b] for m in masks], grads))
+        # BPTT at few streams reads W_hh transposed (cpu.recurrent_backward)
+        few = train and cuts[-1] - cuts[-2] <= self._K.FEW_ROWS
+        w_hh_t = self._transposed_w_hh() if few else None
         if len(jobs) == 1:
-            total = self._shard_pass(*jobs[0], scale, train)
+            total = self._shard_pass(*jobs[0], scale, train, w_hh_t)
         else:
             with _one_thread_blas():
                 pool = self._pool(len(jobs) - 1)
-                futures = [pool.submit(self._shard_pass, *job, scale, train) for job in jobs[1:]]
-                totals = [self._shard_pass(*jobs[0], scale, train)] + [f.result() for f in futures]
+                futures = [pool.submit(self._shard_pass, *job, scale, train, w_hh_t)
+                           for job in jobs[1:]]
+                totals = [self._shard_pass(*jobs[0], scale, train, w_hh_t)] + \
+                         [f.result() for f in futures]
             total = sum(totals)
             if train:
                 for job in jobs[1:]:
@@ -268,28 +274,33 @@ class Model:
         states = [self._state_out(job[0]) for job in jobs]
         return total, tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
 
-    def _shard_pass(self, ws, ids, targets, state, masks, grads, scale, train):
+    def _shard_pass(self, ws, ids, targets, state, masks, grads, scale, train, w_hh_t):
         self._K.put(ws.ids, ids.reshape(-1))
         self._K.put(ws.targets, targets.reshape(-1))
         self._set_state_in(ws, state)
         self._run_forward(ws, masks)
         total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
         if train:
-            self._run_backward(ws, grads)
+            self._run_backward(ws, grads, w_hh_t)
         return total
+
+    def _transposed_w_hh(self):
+        """weight_hh_l{k}.T of every layer, refreshed (shared by the shards)."""
+        if self._w_hh_t is None:
+            H, L = self.config["hidden"], self.config["layers"]
+            GH = CELLS[self.config["cell"]] * H
+            self._w_hh_t = [self._K.zeros((H, GH), self.dtype) for _ in range(L)]
+        for k, w_t in enumerate(self._w_hh_t):
+            self._K.transpose(w_t, self._p[f"rnn.weight_hh_l{k}"])
+        return self._w_hh_t
 
     def _shard_cuts(self, B):
         """Stream boundaries of the shards: one per thread, none thinner than
-        _SHARD_ROWS streams; a GPU model runs one. OpenBLAS's one-thread GEMMs
-        at 9 to 32 rows run at about half MKL's rate (measured), so with it
-        only shards thin enough for the few-rows kernel (cpu.FEW_ROWS) pay;
-        thicker batches run as one shard on OpenBLAS's own threads."""
+        _SHARD_ROWS streams; a GPU model runs one."""
         if self._K is not K:
             return [0, B]
         import numba
         n = max(1, min(numba.get_num_threads(), B // _SHARD_ROWS))
-        if K.BLAS != "mkl" and B > n * K.FEW_ROWS:
-            n = 1
         return [B * s // n for s in range(n + 1)]
 
     def _pool(self, workers):
@@ -379,8 +390,10 @@ class Model:
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
         K.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"])
 
-    def _run_backward(self, ws, g):
-        """BPTT through ``ws``, writing the gradients into the views ``g``."""
+    def _run_backward(self, ws, g, w_hh_t):
+        """BPTT through ``ws``, writing the gradients into the views ``g``;
+        ``w_hh_t``: the transposed recurrent weights, or None where the
+        batch is too large to read them (cpu.recurrent_backward)."""
         c, p, K = self.config, self._p, self._K
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
@@ -389,12 +402,11 @@ class Model:
                           top, p["decoder.weight"])
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
-            if B <= K.FEW_ROWS:  # the few-rows product reads W_hh transposed
-                K.transpose(lay.w_hh_t, p[f"rnn.weight_hh_l{k}"])
-            K.recurrent_backward(self._cell_id, ws.dh_out, p[f"rnn.weight_hh_l{k}"], lay.w_hh_t,
-                                 lay.hs, lay.cs, lay.gates, lay.hn, ws.dxp, ws.dgh,
-                                 ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
-                                 g[f"rnn.bias_hh_l{k}"])
+            w_hh = p[f"rnn.weight_hh_l{k}"]
+            w_t = w_hh if w_hh_t is None else w_hh_t[k]  # not read at this many streams
+            K.recurrent_backward(self._cell_id, ws.dh_out, w_hh, w_t, lay.hs, lay.cs,
+                                 lay.gates, lay.hn, ws.dxp, ws.dgh, ws.dh_rec, ws.carry,
+                                 g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"])
             dxp2 = ws.dxp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
                 K.embedding_backward(ws.w_ih0_t, g["rnn.bias_ih_l0"], dxp2, ws.ids)
@@ -453,14 +465,13 @@ class Model:
 class _Layer:
     """Per-layer buffers of one window, kept for the backward pass."""
 
-    def __init__(self, zeros, cell, B, T, H, G, dtype, few_rows):
+    def __init__(self, zeros, cell, B, T, H, G, dtype):
         z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
         self.xp = z(T, B, G * H)
         self.hs = z(T + 1, B, H)
         self.cs = z(T + 1, B, H) if cell == "lstm" else z(1, 1, 1)
         self.hn = z(T, B, H) if cell == "gru" else z(1, 1, 1)
         self.gates = z(T, B, G * H) if cell != "rnn" else z(1, 1, 1)
-        self.w_hh_t = z(H, G * H) if B <= few_rows else z(1, 1)  # see recurrent_backward
         self.mask = z(T, B, H)      # dropout on this layer's output
         self.dropped = z(T * B, H)
         self.inp = None
@@ -475,8 +486,7 @@ class _Workspace:
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
         G = CELLS[c["cell"]]
         self.B, self.T = B, T
-        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, model._K.FEW_ROWS)
-                       for _ in range(c["layers"])]
+        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
         self.gh = zeros((B, G * H), dt)
         self.logits = zeros((T * B, V), dt)
         self.dlogits = zeros((T * B, V), dt)

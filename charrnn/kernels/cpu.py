@@ -141,16 +141,17 @@ def one_blas_thread_here():
         _MKL.MKL_Set_Num_Threads_Local(1)
 
 
-FEW_ROWS = 8  # up to here _few_rows_times_weights beats MKL and OpenBLAS (measured)
+FEW_ROWS = 32  # up to here _few_rows_times_weights is as fast as MKL, 2x OpenBLAS (measured)
 
 
 @njit(**_JIT)
 def _few_rows_times_weights(out, a, w):
     """out = a @ w.T for a few rows of ``a`` ([M,K], w [N,K]): the per-step
-    product of small batches and of sampling. A BLAS packs ``w`` on every
-    call, which at so few rows costs more than the product (MKL: 16 GFLOP/s
-    at M=4, N=1024, K=256, against 27 here); here each row of ``w`` is read
-    once for four rows of ``a`` at a time."""
+    products of a training shard and of sampling. A BLAS packs ``w`` on every
+    call, which at so few rows costs about as much as the product; here each
+    row of ``w`` is read once for four rows of ``a`` at a time. One core,
+    GFLOP/s at M=4 / M=25 (N=1024, K=256): MKL 16 / 29, OpenBLAS 15 / 15,
+    this 27 / 25-33 (README, Benchmarks)."""
     M, N = out.shape
     K = a.shape[1]
     zero = out.dtype.type(0)
@@ -433,8 +434,9 @@ def recurrent_backward(cell, dh_out, w_hh, w_hh_t, hs, cs, gates, hn,
     """Truncated BPTT through one layer over a window.
 
     dh_out [T,B,H]  gradient reaching the layer's outputs from above
-    w_hh_t [H,G*H]  W_hh transposed: with few streams the recurrent product
-                    dgh @ W_hh runs as dgh @ w_hh_t.T, the few-rows kernel's form
+    w_hh_t [H,G*H]  W_hh transposed: up to FEW_ROWS streams the recurrent
+                    product dgh @ W_hh runs as dgh @ w_hh_t.T, the few-rows
+                    kernel's form; with more streams it is not read
     dxp [T,B,G*H]   out: gradient of the input projections (feeds
                     linear_backward / embedding_backward for W_ih, b_ih)
     dgh [T,B,G*H]   out: gradient of h W_hh^T; for LSTM/RNN it is dxp itself,
