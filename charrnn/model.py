@@ -196,8 +196,7 @@ class Model:
         ids = self._ids(x)
         T, B = ids.shape
         ws = self._workspace(B, T, 0)
-        self._K.put(ws.ids, ids.reshape(-1))
-        self._set_state_in(ws, self._check_state(state, B))
+        self._feed(ws, ids, self._check_state(state, B))
         self._run_forward(ws, [None] * (self.config["layers"] - 1))
         logits = self._K.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
         return np.ascontiguousarray(logits), self._state_out(ws)
@@ -275,9 +274,8 @@ class Model:
         return total, tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
 
     def _shard_pass(self, ws, ids, targets, state, masks, grads, scale, train, w_hh_t):
-        self._K.put(ws.ids, ids.reshape(-1))
+        self._feed(ws, ids, state)
         self._K.put(ws.targets, targets.reshape(-1))
-        self._set_state_in(ws, state)
         self._run_forward(ws, masks)
         total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
         if train:
@@ -306,6 +304,8 @@ class Model:
     def _pool(self, workers):
         if self._executor is None or self._executor[0] < workers:
             from concurrent.futures import ThreadPoolExecutor
+            if self._executor is not None:  # more threads asked for: replace the pool
+                self._executor[1].shutdown(wait=False)
             self._executor = workers, ThreadPoolExecutor(workers, "charrnn-shard",
                                                          initializer=self._K.one_blas_thread_here)
         return self._executor[1]
@@ -442,6 +442,11 @@ class Model:
                 raise CharrnnError(f"state has shape {s.shape} but this batch needs {w.shape} "
                                    "(a state from a different batch size or model?)")
         return state
+
+    def _feed(self, ws, ids, state):
+        """Time-major ids [T, B] and the incoming state (or None) into ``ws``."""
+        self._K.put(ws.ids, ids.reshape(-1))
+        self._set_state_in(ws, state)
 
     def _set_state_in(self, ws, state):
         if state is None:
