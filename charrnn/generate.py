@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import CharrnnError
 from .kernels import cpu as K
-from .model import CELLS
+from .model import CELLS, _one_thread_blas
 
 CHUNK = 256  # characters per Numba call while streaming
 
@@ -28,65 +28,131 @@ def _vocab(model):
     return model.vocab
 
 
-def _streams(model, S):
+def _streams(model, S, ranks=None):
     """Stepping S streams: one Numba call per chunk on the CPU, a step at a
     time through the model's own passes on a GPU."""
-    return _Streams(model, S) if model.device == "cpu" else _DeviceStreams(model, S)
+    return _Streams(model, S, ranks) if model.device == "cpu" else _DeviceStreams(model, S)
+
+
+_RANK_UNITS = 16  # the fewest hidden units worth a sampling thread (measured: README, Benchmarks)
+
+
+def _cache_aligned(**arrays):
+    """Zeroed arrays ``name=(shape, dtype)`` carved from one block, each on
+    cache lines of its own, the block padded by a line at each end: what one
+    thread writes shares no cache line with another thread's data (sharing
+    made two sampling threads slower than one)."""
+    line = 64
+    sizes = [-(-int(np.prod(shape)) * np.dtype(dt).itemsize // line) * line
+             for shape, dt in arrays.values()]
+    block = np.zeros(sum(sizes) + 3 * line, np.uint8)
+    at = -block.ctypes.data % line + line
+    out = {}
+    for (name, (shape, dt)), size in zip(arrays.items(), sizes):
+        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+        out[name] = block[at:at + n].view(dt).reshape(shape)
+        at += size
+    return out
 
 
 class _Streams:
-    """The buffers for stepping S streams one character at a time (CPU)."""
+    """The buffers for stepping S streams one character at a time (CPU),
+    split by hidden units over ``ranks`` threads (cpu.model_step); by
+    default one per thread of Numba's count."""
 
-    def __init__(self, model, S):
+    def __init__(self, model, S, ranks=None):
+        import numba
         c, dt = model.config, model.dtype
         V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"] or 0
-        GH = CELLS[c["cell"]] * H
-        self.model, self.S = model, S
+        R = ranks or max(1, min(numba.get_num_threads(), H // _RANK_UNITS))
+        self.model, self.S, self.R = model, S, R
         names = list(model._shapes)
         starts = np.cumsum([0] + [int(np.prod(s)) for s in model._shapes.values()])
         off = dict(zip(names, starts[:-1]))
-        self.offsets = np.array([[off[f"rnn.{w}_l{k}"] for w in ("weight_ih", "weight_hh", "bias_ih",
-                                                                 "bias_hh")] for k in range(L)],
-                                dtype=np.int64)
         self.enc_off = int(off.get("encoder.weight", -1))
         self.dec_off = int(off["decoder.weight"])
-        self.dims = (V, H, E)
-        self.w_ih0_t = (np.ascontiguousarray(model._p["rnn.weight_ih_l0"].T) if not E
-                        else np.zeros((1, 1), dt))
-        self.hs = np.zeros((L, 2, S, H), dt)
-        self.cs = np.zeros((L, 2, S, H), dt)
-        self.logits = np.zeros((S, V), dt)
-        self.ids = np.zeros(S, np.int32)
-        self.probs = np.zeros((S, V), dt)
-        self.xp = np.zeros((1, S, GH), dt)
-        self.gates = np.zeros((1, S, GH), dt)
-        self.hn = np.zeros((1, S, H), dt)
-        self.gh = np.zeros((S, GH), dt)
-        self.emb = np.zeros((S, max(E, 1)), dt)
-        self.zero_e = np.zeros(max(E, 1), dt)
+        self.dims = (V, E)
+        # the state is shared by the ranks, each writing its own hidden units
+        shared = _cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
+                                flags=((K._LINE * (R + 1),), np.int64))
+        self.hs, self.cs, self.flags = shared["hs"], shared["cs"], shared["flags"]
+        # whole cache lines of units per rank where there are enough
+        step = 16 if H // R >= 16 else 1
+        cuts = [H * r // R // step * step for r in range(R)] + [H]
+        self.ranks = [self._rank(model, S, cuts[r], cuts[r + 1]) for r in range(R)]
+        self.logits = self.ranks[0]["logits"]
 
-    def _args(self):
-        m = self.model
-        return (m._cell_id, m.params, self.offsets, self.enc_off, self.dec_off, *self.dims,
-                self.w_ih0_t)
+    @staticmethod
+    def _rank(model, S, j0, j1):
+        """A rank's weights (the rows of hidden units j0:j1) and buffers."""
+        c, dt, p = model.config, model.dtype, model._p
+        V, H, E, G = c["vocab_size"], c["hidden"], c["embed"] or 0, CELLS[c["cell"]]
+        rows = (np.arange(G)[:, None] * H + np.arange(j0, j1)).ravel()
+        pieces = []
+        for k in range(c["layers"]):
+            w_ih = p[f"rnn.weight_ih_l{k}"][rows]
+            pieces += [w_ih.T if k == 0 and not E else w_ih, p[f"rnn.weight_hh_l{k}"][rows],
+                       p[f"rnn.bias_ih_l{k}"][rows], p[f"rnn.bias_hh_l{k}"][rows]]
+        starts = np.cumsum([0] + [x.size for x in pieces])
+        GHr, E1 = G * (j1 - j0), max(E, 1)
+        rank = _cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
+                              probs=((S, V), dt), ids=((S,), np.int32), xp=((S, GHr), dt),
+                              gates=((S, GHr), dt), hn=((S, j1 - j0), dt), gh=((S, GHr), dt),
+                              emb=((S, E1), dt), zero_e=((E1,), dt))
+        np.concatenate([np.ravel(x) for x in pieces], out=rank["rparams"])
+        rank.update(roffsets=starts[:-1].reshape(-1, 4).astype(np.int64), j0=j0)
+        return rank
+
+    def _run(self, kernel, args, tail=()):
+        """kernel(...) on every rank (args(rank) its buffers), rank 0 on this
+        thread and the others on the model's pool, each with a one-thread BLAS."""
+        self.flags[:] = 0
+        if self.R == 1:
+            return self._call(kernel, 0, args, tail)
+        with _one_thread_blas():
+            pool = self.model._pool(self.R - 1)
+            futures = [pool.submit(self._call, kernel, n, args, tail) for n in range(1, self.R)]
+            self._call(kernel, 0, args, tail)
+            for f in futures:
+                f.result()
+
+    def _call(self, kernel, n, args, tail):
+        m, r = self.model, self.ranks[n]
+        try:
+            kernel(m._cell_id, r["rparams"], r["roffsets"], m.params, self.enc_off, self.dec_off,
+                   *self.dims, r["j0"], *args(r), self.flags, n, self.R, *tail)
+        except BaseException:
+            self.flags[K._LINE * self.R] = 1  # release the other ranks from their barriers
+            raise
+
+    def _settle(self, steps):
+        """After ``steps`` steps the state is in [:, steps % 2]: move it to [:, 0]."""
+        if steps % 2:
+            self.hs[:, 0] = self.hs[:, 1]
+            self.cs[:, 0] = self.cs[:, 1]
 
     def feed(self, prime_ids):
         """Run the prime through the model (one batched pass); afterwards
         ``logits`` predicts the character after it. No prime: uniform."""
+        for r in self.ranks:
+            r["logits"][:] = 0
         if len(prime_ids) == 0:
-            self.logits[:] = 0
             return
         x = np.tile(np.asarray(prime_ids, dtype=np.int32), (self.S, 1))
         logits, state = self.model.forward(x)
-        self.logits[:] = logits[:, -1]
+        for r in self.ranks:
+            r["logits"][:] = logits[:, -1]
         self.hs[:, 0] = state[0]
         if len(state) == 2:
             self.cs[:, 0] = state[1]
 
     def step(self, ids):
-        self.ids[:] = ids
-        K.model_step(*self._args(), self.ids, self.hs, self.cs, self.logits, self.xp,
-                     self.gates, self.hn, self.gh, self.emb, self.zero_e)
+        for r in self.ranks:
+            r["ids"][:] = ids
+        self._run(K.model_step, lambda r: (r["ids"], 0, self.hs, self.cs, r["logits"], r["xp"],
+                                            r["gates"], r["hn"], r["gh"], r["emb"], r["zero_e"]),
+                  (0,))
+        self._settle(1)
 
     def reorder(self, parents):
         """Stream s continues from stream parents[s] (beam search)."""
@@ -95,9 +161,11 @@ class _Streams:
 
     def sample(self, n, uniforms, temperature, top_k, top_p):
         out = np.zeros((n, self.S), np.int32)
-        K.generate(*self._args(), self.hs, self.cs, self.logits, uniforms, float(temperature),
-                   int(top_k or 0), float(1.0 if top_p is None else top_p), out, self.ids,
-                   self.probs, self.xp, self.gates, self.hn, self.gh, self.emb, self.zero_e)
+        rule = (float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
+        self._run(K.generate, lambda r: (self.hs, self.cs, r["logits"], uniforms, *rule, out,
+                                          r["ids"], r["probs"], r["xp"], r["gates"], r["hn"],
+                                          r["gh"], r["emb"], r["zero_e"]))
+        self._settle(n)
         return out
 
 

@@ -474,9 +474,10 @@ class _Layer:
         z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
         self.xp = z(T, B, G * H)
         self.hs = z(T + 1, B, H)
-        self.cs = z(T + 1, B, H) if cell == "lstm" else z(1, 1, 1)
-        self.hn = z(T, B, H) if cell == "gru" else z(1, 1, 1)
-        self.gates = z(T, B, G * H) if cell != "rnn" else z(1, 1, 1)
+        # a cell's unused buffers are stand-ins with one per step (cpu.recurrent_forward)
+        self.cs = z(T + 1, B, H) if cell == "lstm" else z(T + 1, 1, 1)
+        self.hn = z(T, B, H) if cell == "gru" else z(T, 1, 1)
+        self.gates = z(T, B, G * H) if cell != "rnn" else z(T, 1, 1)
         self.mask = z(T, B, H)      # dropout on this layer's output
         self.dropped = z(T * B, H)
         self.inp = None

@@ -11,7 +11,8 @@ import charrnn
 import reference as ref
 from charrnn import CharrnnError, Model, Vocab
 from charrnn.cli import main
-from charrnn.generate import beam_search, evaluate, sample
+from charrnn.kernels import cpu as K
+from charrnn.generate import _cache_aligned, _Streams, beam_search, evaluate, sample
 
 TEXT = "to be or not to be, that is the question.\n" * 20
 
@@ -84,6 +85,51 @@ def test_batch_samples_are_independent_and_reproducible(model):
     a = sample(model, 40, num=5, seed=3)
     assert a == sample(model, 40, num=5, seed=3)
     assert len(set(a)) == 5
+
+
+def _ranked_sample(model, ranks, S=3, n=60, prime=(1, 2, 3)):
+    streams = _Streams(model, S, ranks)
+    streams.feed(np.asarray(prime, np.int32))
+    u = np.random.default_rng(7).random((n, S))
+    out = np.concatenate([streams.sample(n // 2, u[:n // 2], 0.9, None, None),
+                          streams.sample(n - n // 2, u[n // 2:], 0.9, None, None)])
+    return out, streams.hs[:, 0].copy(), streams.cs[:, 0].copy(), streams.logits.copy()
+
+
+@pytest.mark.parametrize("embed", [None, 5])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_sampling_split_over_threads_by_hidden_units_gives_the_one_thread_text(cell, embed):
+    m = Model(len(Vocab(TEXT)), cell=cell, hidden=12, layers=2, embed=embed, seed=5)
+    one = _ranked_sample(m, 1)
+    for ranks in (2, 3):
+        split = _ranked_sample(m, ranks)
+        np.testing.assert_array_equal(split[0], one[0])
+        for a, b in zip(split[1:], one[1:]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_sampling_thread_releases_the_others(model):
+    streams = _Streams(model, 1, 2)
+    streams.feed(np.zeros(0, np.int32))
+
+    def fail_on_rank_1(*args):
+        *_, rank, n_ranks = args
+        if rank == 1:
+            raise RuntimeError("rank 1 failed")
+        return K.generate(*args)  # rank 0 waits at its first barrier until released
+    with pytest.raises(RuntimeError, match="rank 1 failed"):
+        streams._run(fail_on_rank_1, lambda r: (
+            streams.hs, streams.cs, r["logits"], np.zeros((5, 1)), 1.0, 0, 1.0,
+            np.zeros((5, 1), np.int32), r["ids"], r["probs"], r["xp"], r["gates"], r["hn"],
+            r["gh"], r["emb"], r["zero_e"]))
+
+
+def test_buffers_of_sampling_threads_share_no_cache_line():
+    arrays = _cache_aligned(a=((3,), np.float32), b=((2, 5), np.int64), c=((1,), np.int32))
+    spans = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in arrays.values())
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    assert arrays["b"].shape == (2, 5) and arrays["b"].dtype == np.int64 and not arrays["b"].any()
 
 
 def test_stop_string_ends_a_sample_where_it_appears(model):

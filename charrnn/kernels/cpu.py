@@ -20,7 +20,7 @@ import sys
 import llvmlite.binding as llvm
 import numpy as np
 from numba import carray, cfunc, njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # fastmath without nnan/ninf: those would delete the isfinite checks on losses.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -403,29 +403,43 @@ def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
 # ------------------------------------------------------- time loops (layers)
 
 @njit(**_JIT)
+def recurrent_step(cell, xp, w_hh, b_hh, h_in, c_in, gates, hn, gh, h_out, c_out, j0):
+    """One time step of one layer for B streams: one GEMM gh = h_in W_hh^T,
+    then one fused pass over the gates, row by row.
+
+    h_in, c_in [B,H]   the state in (c_in: LSTM only)
+    xp, gates, gh [B,G*Hr], hn [B,Hr]: the input projection, the saved gates
+    w_hh [G*Hr,H], b_hh [G*Hr]: the rows of hidden units j0:j0+Hr
+    h_out, c_out [B,H] hidden units j0:j0+Hr written
+    Training runs all units (j0 = 0, Hr = H); a sampling rank its share.
+    """
+    G = 4 if cell == LSTM else 3 if cell == GRU else 1
+    B, j1 = xp.shape[0], j0 + xp.shape[1] // G
+    relu = cell == RNN_RELU
+    matmul(gh, h_in, w_hh, False, True)
+    for b in range(B):
+        if cell == LSTM:
+            lstm_cell_forward(xp[b], gh[b], b_hh, c_in[b, j0:j1], gates[b],
+                              c_out[b, j0:j1], h_out[b, j0:j1])
+        elif cell == GRU:
+            gru_cell_forward(xp[b], gh[b], b_hh, h_in[b, j0:j1], gates[b], hn[b], h_out[b, j0:j1])
+        else:
+            rnn_cell_forward(xp[b], gh[b], b_hh, relu, h_out[b, j0:j1])
+
+
+@njit(**_JIT)
 def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
     """Run one layer over a window.
 
     xp [T,B,G*H]  input projections of all steps (one GEMM, done before)
     hs [T+1,B,H]  hidden states; hs[0] holds the incoming state
-    cs [T+1,B,H]  LSTM cell states, cs[0] incoming (unused by other cells)
-    gates [T,B,G*H], hn [T,B,H] (GRU only): saved for the backward pass
+    cs [T+1,B,H]  LSTM cell states, cs[0] incoming ([T+1,1,1] for other cells)
+    gates [T,B,G*H], hn [T,B,H] (GRU only, else [T,1,1]): saved for backward
     gh [B,G*H]    scratch for the recurrent GEMM
-    Per step: one GEMM h W_hh^T, then one fused pass over the gates.
     """
-    T, B = xp.shape[0], xp.shape[1]
-    relu = cell == RNN_RELU
-    for t in range(T):
-        matmul(gh, hs[t], w_hh, False, True)
-        for b in range(B):
-            if cell == LSTM:
-                lstm_cell_forward(xp[t, b], gh[b], b_hh, cs[t, b], gates[t, b],
-                                  cs[t + 1, b], hs[t + 1, b])
-            elif cell == GRU:
-                gru_cell_forward(xp[t, b], gh[b], b_hh, hs[t, b], gates[t, b],
-                                 hn[t, b], hs[t + 1, b])
-            else:
-                rnn_cell_forward(xp[t, b], gh[b], b_hh, relu, hs[t + 1, b])
+    for t in range(xp.shape[0]):
+        recurrent_step(cell, xp[t], w_hh, b_hh, hs[t], cs[t], gates[t], hn[t], gh,
+                       hs[t + 1], cs[t + 1], 0)
 
 
 @njit(**_JIT)
@@ -574,41 +588,96 @@ def sgd_update(p, g, buf, lr, momentum, wd, scale):
 
 
 # ---------------------------------------------------------------- generation
-# The whole model for one time step of S streams, reading its weights from
-# the flat parameter buffer: ``offsets[k] = (w_ih, w_hh, b_ih, b_hh)`` start
-# indices of layer k; ``enc_off`` is -1 for one-hot input, whose projection
-# reads ``w_ih0_t`` (= weight_ih_l0.T) instead.
+# Sampling one stream reads every weight once per character, so it runs at
+# the speed one core reads them from its caches. Ranks (one thread each)
+# split the work by hidden units: rank r owns units j0:j1 of every layer and
+# holds their rows of W_ih, W_hh and the biases in its own flat buffer
+# ``rparams`` (``roffsets[k]`` = start of w_ih, w_hh, b_ih, b_hh of layer k;
+# for one-hot input w_ih of layer 0 is stored transposed, [V, G*Hr], so the
+# projection is a row gather). After each layer the ranks meet at a barrier,
+# since the next layer and the next step read the whole hidden state. Every
+# rank computes the logits and draws the same characters from the same
+# uniforms, which spares a barrier per character.
+
+@intrinsic
+def _atomic_load(typingctx, flags, i):
+    """flags[i] (int64) with acquire ordering: the spin loop reads memory."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(ary.data, [args[1]]), "acquire", 8)
+    return types.int64(flags, i), codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, flags, i, value):
+    """flags[i] = value (int64) with release ordering: earlier writes first."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        builder.store_atomic(args[2], builder.gep(ary.data, [args[1]]), "release", 8)
+        return context.get_dummy_value()
+    return types.void(flags, i, value), codegen
+
+
+_sched_yield = types.ExternalFunction("sched_yield", types.int32())
+_LINE = 8        # int64 slots per cache line: each rank's flag on its own line
+_SPINS = 4096    # spins before yielding the core (another thread may need it)
+
 
 @njit(**_JIT)
-def model_step(cell, params, offsets, enc_off, dec_off, V, H, E, w_ih0_t, ids,
-               hs, cs, logits, xp, gates, hn, gh, emb, zero_e):
-    """Feed ids [S] (one character per stream) and write next-char logits [S,V].
+def barrier(flags, rank, n_ranks, b):
+    """Wait until every rank has arrived at barrier b (numbered from 1).
+    flags [_LINE*(n_ranks+1)] int64: rank r's last barrier at _LINE*r, and
+    at _LINE*n_ranks an abort flag that releases everyone (False returned)."""
+    if n_ranks == 1:
+        return True
+    _atomic_store(flags, _LINE * rank, np.int64(b))
+    for q in range(n_ranks):
+        spins = 0
+        while _atomic_load(flags, _LINE * q) < b:
+            if _atomic_load(flags, _LINE * n_ranks) != 0:
+                return False
+            spins += 1
+            if spins == _SPINS:
+                _sched_yield()
+                spins = 0
+    return True
 
-    hs, cs [L,2,S,H]: per layer, [0] is the state in, [1] the state out,
-    which is then copied to [0] for the next step.
+
+@njit(**_JIT)
+def model_step(cell, rparams, roffsets, params, enc_off, dec_off, V, E, j0, ids, p,
+               hs, cs, logits, xp, gates, hn, gh, emb, zero_e, flags, rank, n_ranks, b):
+    """Feed ids [S] (one character per stream) and write next-char logits [S,V]:
+    this rank's share of one step, which passes barriers b+1 .. b+L.
+
+    hs, cs [L,2,S,H] (shared by the ranks): per layer, [p] is the state in
+    and [1-p] the state out. params is the model's flat buffer, read for
+    the encoder (at enc_off, -1: one-hot input) and the decoder (dec_off).
+    Returns False if another rank aborted.
     """
-    L, GH = hs.shape[0], xp.shape[2]
+    L, H, GHr = hs.shape[0], hs.shape[3], xp.shape[1]
+    q = 1 - p
     for k in range(L):
-        o = offsets[k]
+        o = roffsets[k]
         inp = (E if enc_off >= 0 else V) if k == 0 else H
-        w_ih = params[o[0]:o[0] + GH * inp].reshape(GH, inp)
-        w_hh = params[o[1]:o[1] + GH * H].reshape(GH, H)
-        b_ih = params[o[2]:o[2] + GH]
-        b_hh = params[o[3]:o[3] + GH]
+        w_ih = rparams[o[0]:o[0] + GHr * inp]
+        w_hh = rparams[o[1]:o[1] + GHr * H].reshape(GHr, H)
+        b_ih = rparams[o[2]:o[2] + GHr]
+        b_hh = rparams[o[3]:o[3] + GHr]
         if k == 0 and enc_off < 0:
-            embedding_forward(xp[0], w_ih0_t, ids, b_ih)
+            embedding_forward(xp, w_ih.reshape(V, GHr), ids, b_ih)
         elif k == 0:
             embedding_forward(emb, params[enc_off:enc_off + V * E].reshape(V, E), ids, zero_e)
-            linear_forward(xp[0], emb, w_ih, b_ih)
+            linear_forward(xp, emb, w_ih.reshape(GHr, E), b_ih)
         else:
-            linear_forward(xp[0], hs[k - 1, 1], w_ih, b_ih)
-        recurrent_forward(cell, xp, w_hh, b_hh, hs[k], cs[k], gates, hn, gh)
-    for k in range(L):
-        hs[k, 0] = hs[k, 1]
-        cs[k, 0] = cs[k, 1]
-    linear_forward(logits, hs[L - 1, 1],
+            linear_forward(xp, hs[k - 1, q], w_ih.reshape(GHr, H), b_ih)
+        recurrent_step(cell, xp, w_hh, b_hh, hs[k, p], cs[k, p], gates, hn, gh,
+                       hs[k, q], cs[k, q], j0)
+        if not barrier(flags, rank, n_ranks, b + k + 1):
+            return False
+    linear_forward(logits, hs[L - 1, q],
                    params[dec_off:dec_off + V * H].reshape(V, H),
                    params[dec_off + V * H:dec_off + V * H + V])
+    return True
 
 
 @njit(**_JIT)
@@ -656,16 +725,21 @@ def pick_token(logits, probs, temperature, top_k, top_p, u):
 
 
 @njit(**_JIT)
-def generate(cell, params, offsets, enc_off, dec_off, V, H, E, w_ih0_t, hs, cs, logits,
+def generate(cell, rparams, roffsets, params, enc_off, dec_off, V, E, j0, hs, cs, logits,
              uniforms, temperature, top_k, top_p, out,
-             ids, probs, xp, gates, hn, gh, emb, zero_e):
+             ids, probs, xp, gates, hn, gh, emb, zero_e, flags, rank, n_ranks):
     """Sample out[n, s] for n < N: draw from logits (the distribution of the
-    next character), then feed the drawn characters to get the next logits.
-    The loop over characters runs here, not in Python."""
+    next character), then feed the drawn characters to get the next logits;
+    this rank's share (rank 0 writes ``out``). The loop over characters runs
+    here, not in Python. The state ends in hs[:, N % 2], cs[:, N % 2]."""
     N, S = out.shape
+    L = hs.shape[0]
     for n in range(N):
         for s in range(S):
             ids[s] = pick_token(logits[s], probs[s], temperature, top_k, top_p, uniforms[n, s])
-            out[n, s] = ids[s]
-        model_step(cell, params, offsets, enc_off, dec_off, V, H, E, w_ih0_t, ids,
-                   hs, cs, logits, xp, gates, hn, gh, emb, zero_e)
+            if rank == 0:
+                out[n, s] = ids[s]
+        if not model_step(cell, rparams, roffsets, params, enc_off, dec_off, V, E, j0, ids, n % 2,
+                          hs, cs, logits, xp, gates, hn, gh, emb, zero_e, flags, rank, n_ranks,
+                          n * L):
+            return
