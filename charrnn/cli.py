@@ -124,6 +124,8 @@ def _load(path, device="cpu"):
     return ckpt, ckpt.model(device)
 
 
+_threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                               help="CPU threads; 0 = all cores.")
 _device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
                               show_default=True, help="Where the model runs.")
 
@@ -140,12 +142,20 @@ _device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "aut
 @click.option("--num", type=int, default=1, show_default=True, help="Independent samples, generated as one batch.")
 @click.option("--stop", default=None, help="End a sample when it produces this string.")
 @click.option("--beam", type=int, default=0, help="Beam search of this width for the most likely continuation.")
+@_threads_option
 @_device_option
 @_one_line_errors
-def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop, beam, device):
+def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop, beam, threads,
+           device):
     """Generate text from CHECKPOINT (a .ckpt file, or a run directory: its best)."""
-    from . import generate as G
+    from .train import _thread_limit
     _, model = _load(checkpoint, device)
+    with _thread_limit(threads):
+        _sample(model, temperature, top_k, top_p, length, prime, seed, num, stop, beam)
+
+
+def _sample(model, temperature, top_k, top_p, length, prime, seed, num, stop, beam):
+    from . import generate as G
     if beam:
         _write(G.beam_search(model, length, prime, beam) + "\n")
     elif num == 1:  # stream as it is produced

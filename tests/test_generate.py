@@ -27,7 +27,7 @@ def model(request):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    charrnn.train(_corpus(d), out=d / "run", steps=10, hidden=16, batch=4, seq_len=8,
+    charrnn.train(_corpus(d), out=d / "run", steps=10, hidden=32, batch=4, seq_len=8,
                   eval_every=5, quiet=True)
     return d / "run"
 
@@ -237,6 +237,14 @@ def test_cli_sample_prints_prime_then_text(saved):
 
 def test_cli_sample_seed_repeats(saved):
     assert cli("sample", saved, "--seed", 3).output == cli("sample", saved, "--seed", 3).output
+
+
+def test_cli_sample_text_is_the_same_on_one_thread_or_two(saved):
+    # hidden 32: two threads split it (generate._RANK_UNITS)
+    args = ["sample", str(saved), "--length", "80", "--seed", "3", "--threads"]
+    one = CliRunner().invoke(main, args + ["1"])
+    two = CliRunner().invoke(main, args + ["2"])
+    assert one.exit_code == 0 and one.output == two.output
 
 
 def test_cli_sample_num_separates_samples(saved):
