@@ -60,13 +60,15 @@ def _matmul(out, a, b, trans_a, trans_b):
     K.matmul(out, a, b, trans_a, trans_b)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, K.FEW_ROWS, K.FEW_ROWS + 1])
-def test_few_rows_product_agrees_with_float64(rows):
-    # up to FEW_ROWS rows a @ w.T runs in charrnn's own kernel, beyond in the BLAS
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 25, K.FEW_ROWS, K.FEW_ROWS + 1])
+@pytest.mark.parametrize("cols", [1030, 7])
+def test_few_rows_product_agrees_with_float64(rows, cols):
+    # up to FEW_ROWS rows a @ w.T runs in charrnn's own kernel (tiles of 5x2,
+    # leftover pairs, a last odd row; blocks of w), beyond in the BLAS
     rng = np.random.default_rng(rows)
     a = rng.standard_normal((rows, 300)).astype(np.float32)
-    w = rng.standard_normal((1030, 300)).astype(np.float32)
-    out = np.full((rows, 1030), np.nan, dtype=np.float32)
+    w = rng.standard_normal((cols, 300)).astype(np.float32)
+    out = np.full((rows, cols), np.nan, dtype=np.float32)
     _matmul(out, a, w, False, True)
     want = a.astype(np.float64) @ w.T.astype(np.float64)
     assert np.max(np.abs(out - want)) < 1e-5 * np.max(np.abs(want))

@@ -141,39 +141,69 @@ def one_blas_thread_here():
         _MKL.MKL_Set_Num_Threads_Local(1)
 
 
-FEW_ROWS = 32  # up to here _few_rows_times_weights is as fast as MKL, 2x OpenBLAS (measured)
+FEW_ROWS = 32  # up to here _few_rows_times_weights beats MKL and OpenBLAS (measured)
+
+
+_W_BLOCK = 20  # rows of w per block (a multiple of both tile widths, 2 and 5)
+
+
+@njit(inline="always", **_JIT)
+def _dots_5x2(out, x, y, i, j):
+    """out[i+r, j+c] = x[i+r] . y[j+c] for r < 5, c < 2: ten dot products
+    sharing their loads (7 vector loads per 10 FMAs, 10 accumulators in
+    registers). An index past the end is clamped to the last row: that
+    product is recomputed and written twice with the same value."""
+    I, J = x.shape[0] - 1, y.shape[0] - 1
+    i0, i1, i2, i3, i4 = min(i, I), min(i + 1, I), min(i + 2, I), min(i + 3, I), min(i + 4, I)
+    j0, j1 = min(j, J), min(j + 1, J)
+    x0, x1, x2, x3, x4, y0, y1 = x[i0], x[i1], x[i2], x[i3], x[i4], y[j0], y[j1]
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = out.dtype.type(0)
+    for k in range(x.shape[1]):
+        s00 += x0[k] * y0[k]
+        s01 += x0[k] * y1[k]
+        s10 += x1[k] * y0[k]
+        s11 += x1[k] * y1[k]
+        s20 += x2[k] * y0[k]
+        s21 += x2[k] * y1[k]
+        s30 += x3[k] * y0[k]
+        s31 += x3[k] * y1[k]
+        s40 += x4[k] * y0[k]
+        s41 += x4[k] * y1[k]
+    out[i0, j0], out[i0, j1], out[i1, j0], out[i1, j1] = s00, s01, s10, s11
+    out[i2, j0], out[i2, j1], out[i3, j0], out[i3, j1] = s20, s21, s30, s31
+    out[i4, j0], out[i4, j1] = s40, s41
 
 
 @njit(**_JIT)
 def _few_rows_times_weights(out, a, w):
     """out = a @ w.T for a few rows of ``a`` ([M,K], w [N,K]): the per-step
     products of a training shard and of sampling. A BLAS packs ``w`` on every
-    call, which at so few rows costs about as much as the product; here each
-    row of ``w`` is read once for four rows of ``a`` at a time. One core,
-    GFLOP/s at M=4 / M=25 (N=1024, K=256): MKL 16 / 29, OpenBLAS 15 / 15,
-    this 27 / 25-33 (README, Benchmarks)."""
+    call, which at so few rows costs about as much as the product; here tiles
+    of 5 rows of ``a`` x 2 rows of ``w`` run at the core's FMA peak. Blocks of
+    ``w`` are read from L3 once for all M rows. The M % 5 leftover rows go in
+    pairs through the same tile with the roles swapped (5 rows of ``w`` x 2
+    rows of ``a``, written through out.T); an odd last one (M = 1 when
+    sampling) through plain dot products. One core, GFLOP/s at M=4 / M=25
+    (N=2048, K=512): MKL 13 / 24, OpenBLAS 12 / 13, this 31 / 30-35, about
+    MKL's rate on large GEMMs (README, Benchmarks)."""
     M, N = out.shape
-    K = a.shape[1]
-    zero = out.dtype.type(0)
-    for m in range(0, M - 3, 4):
-        a0, a1, a2, a3 = a[m], a[m + 1], a[m + 2], a[m + 3]
+    M5 = M - M % 5
+    for n0 in range(0, N, _W_BLOCK):
+        n1 = min(n0 + _W_BLOCK, N)
+        for m in range(0, M5, 5):
+            for n in range(n0, n1, 2):
+                _dots_5x2(out, a, w, m, n)
+        for m in range(M5, M - 1, 2):
+            for n in range(n0, n1, 5):
+                _dots_5x2(out.T, w, a, n, m)
+    if (M - M5) % 2:  # a last odd row: plain dot products, w read once anyway
+        am = a[M - 1]
         for n in range(N):
             wn = w[n]
-            s0 = s1 = s2 = s3 = zero
-            for k in range(K):
-                s0 += a0[k] * wn[k]
-                s1 += a1[k] * wn[k]
-                s2 += a2[k] * wn[k]
-                s3 += a3[k] * wn[k]
-            out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = s0, s1, s2, s3
-    for m in range(M - M % 4, M):
-        am = a[m]
-        for n in range(N):
-            wn = w[n]
-            s0 = zero
-            for k in range(K):
-                s0 += am[k] * wn[k]
-            out[m, n] = s0
+            s = out.dtype.type(0)
+            for k in range(a.shape[1]):
+                s += am[k] * wn[k]
+            out[M - 1, n] = s
 
 
 def matmul(out, a, b, trans_a, trans_b):
