@@ -39,7 +39,6 @@ def kernels_for(device):
     raise CharrnnError(f"--device cuda: {why}")
 
 
-_SHARD_ROWS = 4  # the thinnest training shard worth a thread (measured: README, Benchmarks)
 _BLAS_POOLS = None
 
 
@@ -293,12 +292,13 @@ class Model:
         return self._w_hh_t
 
     def _shard_cuts(self, B):
-        """Stream boundaries of the shards: one per thread, none thinner than
-        _SHARD_ROWS streams; a GPU model runs one."""
+        """Stream boundaries of the shards: one per thread, down to one
+        stream each (a shard of one stream still pays for its thread: README,
+        Benchmarks); a GPU model runs one."""
         if self._K is not K:
             return [0, B]
         import numba
-        n = max(1, min(numba.get_num_threads(), B // _SHARD_ROWS))
+        n = max(1, min(numba.get_num_threads(), B))
         return [B * s // n for s in range(n + 1)]
 
     def _pool(self, workers):

@@ -70,13 +70,20 @@ def test_gradients_match_finite_differences(cell, nl, layers, embed):
         assert rel_err(grads[name], fd[name]) < 1e-6, name
 
 
+def _dropout_masks(m):
+    """Each layer's dropout mask over the whole batch (each shard holds its streams')."""
+    shards = sorted((key for key in m._workspaces if key[1] == T), key=lambda key: key[2])
+    return [np.concatenate([m._workspaces[s].layers[k].mask for s in shards], axis=1)
+            for k in range(m.config["layers"])]
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_dropout_uses_the_same_mask_forward_and_backward(cell):
     m = make_model(cell, "tanh", 3, None, dropout=0.4)
     params = m.state_dict()
     (x, y), _ = windows()
     loss, grads, _ = m.loss_and_grads(x, y)
-    masks = [lay.mask.copy() for lay in m._workspaces[B, T, 0].layers]
+    masks = _dropout_masks(m)
     assert any((mk == 0).any() for mk in masks[:-1])
     want, _ = ref.loss(params, x, y, cell, 3, masks=masks)
     assert loss == pytest.approx(want, rel=1e-12)
@@ -96,7 +103,7 @@ def test_dropout_is_off_in_forward_and_loss():
 def test_dropout_masks_scale_kept_units_by_inverse_keep_rate():
     m = make_model("gru", "tanh", 2, None, dropout=0.25)
     m.loss_and_grads(*windows()[0])
-    mask = m._workspaces[B, T, 0].layers[0].mask
+    mask = _dropout_masks(m)[0]
     assert set(np.unique(mask)) <= {0.0, np.float64(1 / 0.75)}
 
 
