@@ -49,6 +49,10 @@ def main(debug):
 
 # ------------------------------------------------------------------- train
 
+_threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                               help="CPU threads; 0 = all cores.")
+
+
 def _train_options(f):
     from .optim import OPTIMIZERS, SCHEDULES
     from .train import TrainConfig as D  # the defaults live there, once
@@ -86,7 +90,7 @@ def _train_options(f):
         click.option("--resume", type=click.Path(), default=None,
                      help="Continue a run exactly (run directory or checkpoint)."),
         click.option("--seed", type=int, default=D.seed, show_default=True),
-        click.option("--threads", type=int, default=D.threads, show_default=True, help="CPU threads; 0 = all cores."),
+        _threads_option,
         click.option("--bytes", "bytes_", is_flag=True, help="Byte vocabulary (any file, any encoding)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=D.device, show_default=True),
         click.option("--quiet", is_flag=True, help="Print nothing but errors."),
@@ -124,8 +128,6 @@ def _load(path, device="cpu"):
     return ckpt, ckpt.model(device)
 
 
-_threads_option = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                               help="CPU threads; 0 = all cores.")
 _device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
                               show_default=True, help="Where the model runs.")
 
@@ -244,7 +246,7 @@ def info(checkpoint, as_json):
 @click.option("--seq-len", type=int, default=50, show_default=True)
 @click.option("--embed", type=int, default=0, show_default=True)
 @click.option("--vocab", type=int, default=65, show_default=True)
-@click.option("--threads", type=int, default=0, show_default=True, help="0 = all cores.")
+@_threads_option
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="Per measurement.")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch side even if it is installed.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per config.")

@@ -1,7 +1,10 @@
 """Sampling, beam search and evaluation in bits per character."""
 import codecs
+import concurrent.futures
 import math
+import os
 
+import numba
 import numpy as np
 
 from .errors import CharrnnError
@@ -28,10 +31,10 @@ def _vocab(model):
     return model.vocab
 
 
-def _streams(model, S, ranks=None):
-    """Stepping S streams: one Numba call per chunk on the CPU, a step at a
-    time through the model's own passes on a GPU."""
-    return _Streams(model, S, ranks) if model.device == "cpu" else _DeviceStreams(model, S)
+def _streams(model, S):
+    """Stepping S streams: one Numba call per thread and chunk on the CPU, a
+    step at a time through the model's own passes on a GPU."""
+    return _Streams(model, S) if model.device == "cpu" else _DeviceStreams(model, S)
 
 
 _RANK_UNITS = 16  # the fewest hidden units worth a sampling thread (measured: README, Benchmarks)
@@ -42,7 +45,7 @@ def _cache_aligned(**arrays):
     cache lines of its own, the block padded by a line at each end: what one
     thread writes shares no cache line with another thread's data (sharing
     made two sampling threads slower than one)."""
-    line = 64
+    line = K.CACHE_LINE
     sizes = [-(-int(np.prod(shape)) * np.dtype(dt).itemsize // line) * line
              for shape, dt in arrays.values()]
     block = np.zeros(sum(sizes) + 3 * line, np.uint8)
@@ -55,16 +58,23 @@ def _cache_aligned(**arrays):
     return out
 
 
+def _sampling_threads(H):
+    """One per thread of Numba's count (``--threads``), no more than the CPUs
+    this process may run on (spinning threads must each have one), with at
+    least _RANK_UNITS hidden units each."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(numba.get_num_threads(), cpus or 1, H // _RANK_UNITS))
+
+
 class _Streams:
     """The buffers for stepping S streams one character at a time (CPU),
-    split by hidden units over ``ranks`` threads (cpu.model_step); by
-    default one per thread of Numba's count."""
+    split by hidden units over ``ranks`` threads (cpu.model_step; default:
+    _sampling_threads)."""
 
     def __init__(self, model, S, ranks=None):
-        import numba
         c, dt = model.config, model.dtype
         V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"] or 0
-        R = ranks or max(1, min(numba.get_num_threads(), H // _RANK_UNITS))
+        R = min(ranks or _sampling_threads(H), H)
         self.model, self.S, self.R = model, S, R
         names = list(model._shapes)
         starts = np.cumsum([0] + [int(np.prod(s)) for s in model._shapes.values()])
@@ -74,10 +84,11 @@ class _Streams:
         self.dims = (V, E)
         # the state is shared by the ranks, each writing its own hidden units
         shared = _cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
-                                flags=((K._LINE * (R + 1),), np.int64))
+                                flags=((K.barrier_flags_size(R),), np.int64))
         self.hs, self.cs, self.flags = shared["hs"], shared["cs"], shared["flags"]
         # whole cache lines of units per rank where there are enough
-        step = 16 if H // R >= 16 else 1
+        step = K.CACHE_LINE // dt.itemsize
+        step = step if H // R >= step else 1
         cuts = [H * r // R // step * step for r in range(R)] + [H]
         self.ranks = [self._rank(model, S, cuts[r], cuts[r + 1]) for r in range(R)]
         self.logits = self.ranks[0]["logits"]
@@ -105,14 +116,24 @@ class _Streams:
 
     def _run(self, kernel, args, tail=()):
         """kernel(...) on every rank (args(rank) its buffers), rank 0 on this
-        thread and the others on the model's pool, each with a one-thread BLAS."""
+        thread and the others on the model's pool, each with a one-thread BLAS.
+        The ranks wait for each other at barriers, so all must run at once:
+        one caller at a time on the pool, and whatever fails (Ctrl-C
+        included) releases the ranks started and waits for them."""
         self.flags[:] = 0
         if self.R == 1:
             return self._call(kernel, 0, args, tail)
-        with _one_thread_blas():
-            pool = self.model._pool(self.R - 1)
-            futures = [pool.submit(self._call, kernel, n, args, tail) for n in range(1, self.R)]
-            self._call(kernel, 0, args, tail)
+        futures = []
+        with self.model._sampling_lock, _one_thread_blas():
+            try:
+                pool = self.model._pool(self.R - 1)
+                for n in range(1, self.R):
+                    futures.append(pool.submit(self._call, kernel, n, args, tail))
+                self._call(kernel, 0, args, tail)
+            except BaseException:
+                K.release_barriers(self.flags)
+                concurrent.futures.wait(futures)
+                raise
             for f in futures:
                 f.result()
 
@@ -122,7 +143,7 @@ class _Streams:
             kernel(m._cell_id, r["rparams"], r["roffsets"], m.params, self.enc_off, self.dec_off,
                    *self.dims, r["j0"], *args(r), self.flags, n, self.R, *tail)
         except BaseException:
-            self.flags[K._LINE * self.R] = 1  # release the other ranks from their barriers
+            K.release_barriers(self.flags)  # the other ranks wait at a barrier for this one
             raise
 
     def _settle(self, steps):

@@ -1,7 +1,9 @@
 """Model: parameters in one flat buffer with PyTorch-named views, and the
 orchestration of the kernels for a forward pass and truncated BPTT."""
 import os
+import threading
 
+import numba
 import numpy as np
 
 from .errors import CharrnnError
@@ -118,6 +120,7 @@ class Model:
         self._init_weights()
         self._workspaces = {}
         self._executor = None  # the shard threads, started on first use
+        self._sampling_lock = threading.Lock()  # sampling ranks need the pool to themselves
         self._w_hh_t = None    # transposed recurrent weights, for BPTT at few streams
         self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
@@ -297,7 +300,6 @@ class Model:
         Benchmarks); a GPU model runs one."""
         if self._K is not K:
             return [0, B]
-        import numba
         n = max(1, min(numba.get_num_threads(), B))
         return [B * s // n for s in range(n + 1)]
 
@@ -341,7 +343,8 @@ class Model:
     def _workspace(self, B, T, shard):
         ws = self._workspaces.get((B, T, shard))
         if ws is None:
-            if len(self._workspaces) >= 8:  # training + validation shapes, 2 shards each
+            # room for training + validation shapes, a shard per thread each
+            if len(self._workspaces) >= 4 * numba.get_num_threads():
                 self._workspaces.clear()
             ws = self._workspaces[B, T, shard] = _Workspace(self, B, T)
         return ws

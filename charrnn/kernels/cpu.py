@@ -6,7 +6,7 @@ Gate blocks follow PyTorch: LSTM ``(i, f, g, o)``, GRU ``(r, z, n)``.
 
 All matrix products run inside Numba (SciPy's BLAS) so that one BLAS thread
 pool is in play. Kernels are generic over float32 / float64: the library runs
-float32, the gradient tests run the very same code in float64.
+float32, the gradient tests run the training kernels in float64.
 
 Nothing here imports the rest of charrnn: Numba's cache does not notice edits
 to helpers in other modules, so a kernel and its helpers live together.
@@ -633,9 +633,16 @@ def sgd_update(p, g, buf, lr, momentum, wd, scale):
 # rank computes the logits and draws the same characters from the same
 # uniforms, which spares a barrier per character.
 
+def _is_flags(flags):
+    return isinstance(flags, types.Array) and flags.dtype == types.int64 and flags.ndim == 1
+
+
 @intrinsic
 def _atomic_load(typingctx, flags, i):
     """flags[i] (int64) with acquire ordering: the spin loop reads memory."""
+    if not _is_flags(flags):
+        return None
+
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
         return builder.load_atomic(builder.gep(ary.data, [args[1]]), "acquire", 8)
@@ -645,23 +652,39 @@ def _atomic_load(typingctx, flags, i):
 @intrinsic
 def _atomic_store(typingctx, flags, i, value):
     """flags[i] = value (int64) with release ordering: earlier writes first."""
+    if not _is_flags(flags) or not isinstance(value, types.Integer):
+        return None
+
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        builder.store_atomic(args[2], builder.gep(ary.data, [args[1]]), "release", 8)
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(v, builder.gep(ary.data, [args[1]]), "release", 8)
         return context.get_dummy_value()
     return types.void(flags, i, value), codegen
 
 
 _sched_yield = types.ExternalFunction("sched_yield", types.int32())
-_LINE = 8        # int64 slots per cache line: each rank's flag on its own line
+CACHE_LINE = 64  # bytes: what one thread writes should not share one with another's data
+_LINE = CACHE_LINE // 8  # int64 flag slots per cache line
 _SPINS = 4096    # spins before yielding the core (another thread may need it)
+
+
+def barrier_flags_size(n_ranks):
+    """Length of the int64 ``flags`` array that ``barrier`` needs."""
+    return _LINE * (n_ranks + 1)
+
+
+def release_barriers(flags):
+    """Abort: every rank waiting at a barrier on ``flags`` returns False."""
+    flags[-_LINE] = 1
 
 
 @njit(**_JIT)
 def barrier(flags, rank, n_ranks, b):
     """Wait until every rank has arrived at barrier b (numbered from 1).
-    flags [_LINE*(n_ranks+1)] int64: rank r's last barrier at _LINE*r, and
-    at _LINE*n_ranks an abort flag that releases everyone (False returned)."""
+    flags [barrier_flags_size(n_ranks)] int64: rank r's last barrier at
+    _LINE*r, and at _LINE*n_ranks an abort flag that releases everyone
+    (release_barriers; False returned)."""
     if n_ranks == 1:
         return True
     _atomic_store(flags, _LINE * rank, np.int64(b))
