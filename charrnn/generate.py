@@ -46,13 +46,12 @@ def _cache_aligned(**arrays):
     thread writes shares no cache line with another thread's data (sharing
     made two sampling threads slower than one)."""
     line = K.CACHE_LINE
-    sizes = [-(-int(np.prod(shape)) * np.dtype(dt).itemsize // line) * line
-             for shape, dt in arrays.values()]
-    block = np.zeros(sum(sizes) + 3 * line, np.uint8)
-    at = -block.ctypes.data % line + line
+    nbytes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in arrays.values()]
+    lines = [-(-n // line) * line for n in nbytes]  # rounded up to whole lines
+    block = np.zeros(sum(lines) + 3 * line, np.uint8)
+    at = line + (-block.ctypes.data) % line  # the first line boundary after a line of padding
     out = {}
-    for (name, (shape, dt)), size in zip(arrays.items(), sizes):
-        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+    for (name, (shape, dt)), n, size in zip(arrays.items(), nbytes, lines):
         out[name] = block[at:at + n].view(dt).reshape(shape)
         at += size
     return out
