@@ -81,6 +81,8 @@ def _train_options(f):
         click.option("--minutes", type=float, default=D.minutes,
                      help="Budget: wall-clock minutes. Whichever budget comes first; none given: 10 minutes."),
         click.option("--val-frac", type=float, default=D.val_frac, show_default=True, help="Tail share for validation."),
+        click.option("--val-chars", type=click.IntRange(min=0), default=D.val_chars, show_default=True,
+                     help="Characters of that tail each validation scores (its start); 0 = all."),
         click.option("--eval-every", type=int, default=D.eval_every, show_default=True,
                      help="Steps between validations and checkpoints."),
         click.option("--patience", type=int, default=D.patience, show_default=True,

@@ -50,6 +50,7 @@ class TrainConfig:
     epochs: float = None
     minutes: float = None         # none of the three given: DEFAULT_MINUTES
     val_frac: float = 0.05        # tail share held out for validation
+    val_chars: int = 262144       # ... of which each validation scores the first so many, 0 = all
     eval_every: int = 500         # steps between validations and checkpoints
     patience: int = 0             # stop after this many evals without improvement, 0 = off
     out: str = "run"              # run directory
@@ -61,7 +62,7 @@ class TrainConfig:
 
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
-                       "seq_len", "batch", "optimizer", "val_frac", "seed", "bytes")
+                       "seq_len", "batch", "optimizer", "val_frac", "val_chars", "seed", "bytes")
 
     def __post_init__(self):
         self.out = os.fspath(self.out)  # a Path is welcome; checkpoints store JSON
@@ -73,7 +74,7 @@ class TrainConfig:
         for name in ("hidden", "layers", "seq_len", "batch", "eval_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a whole number >= 1, not {v!r}")
-        for name in ("embed", "warmup", "patience", "threads", "decay_every", "seed"):
+        for name in ("embed", "warmup", "patience", "threads", "decay_every", "seed", "val_chars"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a whole number >= 0, not {v!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, not {self.lr}")
@@ -127,7 +128,7 @@ def _config(options, saved):
     if saved is None:
         cfg = TrainConfig(**options)
     else:
-        kept = saved.meta.get("train", {})
+        kept = {"val_chars": 0, **saved.meta.get("train", {})}  # runs saved before --val-chars scored all
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
                 raise CharrnnError(f"--{key.replace('_', '-')} {options[key]!r} differs from the "
@@ -209,6 +210,8 @@ class _Run:
                                f"{saved.meta['progress']['corpus_chars']}: resume needs the same corpus")
         self.corpus_chars = ids.size
         train_ids, val_ids = split(ids, cfg.val_frac)
+        if cfg.val_chars:  # a fixed prefix: evaluations stay comparable, and cheap on big corpora
+            val_ids = val_ids[:cfg.val_chars]
         self.train_windows = self._windows(train_ids, "training")
         self.val_windows = self._windows(val_ids, "validation")
 
@@ -254,7 +257,7 @@ class _Run:
                 f"the {which} split has {len(ids)} characters, too few for --batch {cfg.batch} x "
                 f"--seq-len {cfg.seq_len} (needs {cfg.batch * cfg.seq_len + 1}); "
                 f"at this --seq-len at most --batch {fits} fits, or use a longer corpus"
-                + (" or a larger --val-frac" if which == "validation" else "")) from None
+                + (" or a larger --val-frac or --val-chars" if which == "validation" else "")) from None
 
     def _check_writable(self):
         try:

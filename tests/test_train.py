@@ -52,6 +52,16 @@ def test_metrics_lines_carry_every_field(corpus, tmp_path):
     assert row["val_bpc"] == pytest.approx(row["val_loss"] / np.log(2))
 
 
+def test_validation_scores_the_first_val_chars_of_the_held_out_tail(corpus, tmp_path):
+    from charrnn.data import Windows, split
+    one_window = TINY["batch"] * TINY["seq_len"] + 1
+    train(corpus, out=tmp_path, steps=5, val_chars=one_window, **TINY)
+    model = charrnn.load(tmp_path / "last.ckpt")  # the model as the step-5 evaluation saw it
+    _, tail = split(model.vocab.encode(corpus.read_text(encoding="utf-8")), 0.05)
+    (x, y), = Windows(tail[:one_window], TINY["batch"], TINY["seq_len"])
+    assert losses(tmp_path)[0][2] == pytest.approx(model.loss(x, y)[0], rel=1e-6)
+
+
 def test_same_seed_gives_the_same_losses(corpus, tmp_path):
     train(corpus, out=tmp_path / "a", steps=15, dropout=0.2, **TINY)
     train(corpus, out=tmp_path / "b", steps=15, dropout=0.2, **TINY)
@@ -199,6 +209,7 @@ def run_cli(*args):
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--lr", "-1"], "--lr must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--hidden", "0"], "--hidden must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--val-frac", "1.5"], "--val-frac"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--val-chars", "100"], "--val-chars"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--schedule", "cosine"], "needs --steps"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--resume", "nowhere"], "no such checkpoint"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "--device cuda: .*(CUDA|cuda)"),
