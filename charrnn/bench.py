@@ -42,9 +42,9 @@ def measure_charrnn(cfg):
     from . import Model, Vocab
     from .generate import sample
     from .optim import Optimizer
-    from .train import _thread_limit
+    from .parallel import thread_limit
     V, B, T = cfg["vocab"], cfg["batch"], cfg["seq_len"]
-    with _thread_limit(cfg["threads"]):
+    with thread_limit(cfg["threads"]):
         m = Model(V, cell=cfg["cell"], hidden=cfg["hidden"], layers=cfg["layers"],
                   embed=cfg["embed"] or None, device=cfg["device"])
         m.vocab = Vocab("".join(chr(0x100 + i) for i in range(V)))

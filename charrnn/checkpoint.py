@@ -15,7 +15,8 @@ import numpy as np
 from .atomic import atomic_write
 from .data import Vocab
 from .errors import CharrnnError
-from .model import Model
+from .model import Model, check_memory, model_config, param_shapes
+from .optim import OPTIMIZER_SLOTS
 
 FORMAT = "charrnn-checkpoint"
 VERSION = 1
@@ -79,27 +80,128 @@ def resolve(path, prefer="best"):
     return path
 
 
-def load(path, prefer="best"):
-    """Read and validate a checkpoint (file or run directory)."""
+MAX_META_BYTES = 64 << 20  # the JSON metadata (configuration, vocabulary, metrics)
+_FLOATS = (np.dtype("<f4"), np.dtype("<f8"))
+
+
+def load(path, prefer="best", training=False):
+    """Read and validate a checkpoint (file or run directory).
+
+    Nothing is trusted: before any array is read, every member is checked
+    against what the metadata declares (names, shapes, float dtype, and the
+    sizes in the zip directory and the ``.npy`` headers), so that loading
+    costs about the memory of the declared model whatever the file holds.
+    The optimizer state and carried hidden state are read only for
+    ``training`` (a resume). Anything wrong is a one-line CharrnnError.
+    """
     path = resolve(path, prefer)
     bad = f"{path} is not a readable charrnn checkpoint"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            files = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        with zipfile.ZipFile(path) as z:
+            members = _directory(z, bad)
+            meta = _read_meta(z, members.pop("meta", None), bad)
+            expected = _expected_members(meta, bad)
+            unexpected = sorted(set(members) - set(expected))
+            if unexpected:
+                raise CharrnnError(f"{bad} (unexpected members: {', '.join(unexpected[:5])})")
+            for name, (shape, dtypes) in expected.items():
+                if name in members:
+                    _check_header(z, members[name], name, shape, dtypes, bad)
+                elif name.startswith("param/"):
+                    raise CharrnnError(f"{bad} (no {name})")
+            arrays = {name: _read_array(z, members[name])
+                      for name in expected if name in members
+                      and (training or name.startswith("param/"))}
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, NotImplementedError) as e:
         raise CharrnnError(f"{bad} (corrupt, truncated or another format: {e})") from None
+    part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+    state = part("state/")
+    return Checkpoint(meta, part("param/"), part("optim/"), [state[str(i)] for i in range(len(state))])
+
+
+def _directory(z, bad):
+    """Member name (without .npy) -> ZipInfo, from the zip's central directory."""
+    members = {}
+    for info in z.infolist():
+        if not info.filename.endswith(".npy") or info.filename[:-4] in members:
+            raise CharrnnError(f"{bad} (unexpected member {info.filename[:80]!r})")
+        members[info.filename[:-4]] = info
+    return members
+
+
+def _read_meta(z, info, bad):
+    if info is None:
+        raise CharrnnError(f"{bad} (no metadata)")
+    _check_header(z, info, "meta", None, (np.dtype(np.uint8),), bad, MAX_META_BYTES)
     try:
-        meta = json.loads(files.pop("meta").tobytes().decode("utf-8"))
-    except (KeyError, ValueError) as e:
+        meta = json.loads(_read_array(z, info).tobytes().decode("utf-8"))
+    except ValueError as e:
         raise CharrnnError(f"{bad} (no valid metadata: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CharrnnError(f"{bad} (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-        raise CharrnnError(f"{path} has checkpoint format version {meta.get('version')}; "
+        raise CharrnnError(f"{z.filename} has checkpoint format version {meta.get('version')}; "
                            f"this charrnn reads up to {VERSION}: upgrade charrnn")
-    if "model" not in meta or "vocab" not in meta:
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("vocab"), dict):
         raise CharrnnError(f"{bad} (no model configuration or vocabulary)")
-    part = lambda prefix: {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}  # noqa: E731
-    state = part("state/")
-    return Checkpoint(meta, part("param/"), part("optim/"),
-                      [state[str(i)] for i in range(len(state))])
+    return meta
+
+
+def _expected_members(meta, bad):
+    """name -> (shape, allowed dtypes) of every member the metadata allows;
+    the hidden state and optimizer state only where training options say
+    how big they are. Their total must fit in memory."""
+    try:
+        config = model_config(**meta["model"])
+    except TypeError as e:
+        raise CharrnnError(f"checkpoint has an unknown model configuration: {e}") from None
+    shapes = param_shapes(config)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    expected = {f"param/{k}": (s, _FLOATS) for k, s in shapes.items()}
+    train = meta.get("train")
+    if isinstance(train, dict):
+        batch = train.get("batch")
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 1 << 24:
+            raise CharrnnError(f"{bad} (training batch {batch!r})")
+        state = (config["layers"], batch, config["hidden"])
+        for i in range(2 if config["cell"] == "lstm" else 1):
+            expected[f"state/{i}"] = (state, _FLOATS)
+        expected["optim/step_count"] = ((), (np.dtype("<i8"), np.dtype("<i4")))
+        for slot in OPTIMIZER_SLOTS.get(train.get("optimizer"), ()):
+            expected[f"optim/{slot}"] = ((n,), _FLOATS)
+    check_memory(sum(8 * int(np.prod(shape)) for shape, _ in expected.values()),
+                 "the model this checkpoint declares")
+    return expected
+
+
+def _check_header(z, info, name, shape, dtypes, bad, max_bytes=None):
+    """The member's .npy header declares ``shape`` (any 1-D one if None,
+    of at most max_bytes) and one of ``dtypes``, and the zip directory
+    declares exactly the size that makes."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            got, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            got, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise CharrnnError(f"{bad} ({name}: .npy version {version})")
+        header = f.tell()
+    if dtype not in dtypes or fortran:
+        raise CharrnnError(f"{bad} ({name} holds {dtype}{' in Fortran order' if fortran else ''}, "
+                           f"not {' or '.join(str(d) for d in dtypes)})")
+    if shape is None:
+        if len(got) != 1 or got[0] * dtype.itemsize > max_bytes:
+            raise CharrnnError(f"{bad} ({name} has shape {got})")
+    elif tuple(got) != tuple(shape):
+        raise CharrnnError(f"{bad} ({name} has shape {got}, the model declares {tuple(shape)})")
+    if info.file_size != header + int(np.prod(got)) * dtype.itemsize:
+        raise CharrnnError(f"{bad} ({name} is {info.file_size:,} bytes in the zip directory; "
+                           f"its header declares {int(np.prod(got)) * dtype.itemsize:,})")
+
+
+def _read_array(z, info):
+    """The member's array, read in chunks into an array of the size already
+    checked (a zip member stops at its declared size; its CRC is checked)."""
+    with z.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)

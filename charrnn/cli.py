@@ -1,5 +1,7 @@
 """The ``charrnn`` command: a thin click layer over the Python API."""
 import functools
+import os
+import signal
 import sys
 
 import click
@@ -26,6 +28,9 @@ def _one_line_errors(f):
                 raise
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`charrnn sample run | head`): stop quietly
+            _stdout_to_devnull()
+            sys.exit(128 + signal.SIGPIPE)  # as a filter killed by SIGPIPE
         except Exception as e:  # a bug: say so in one line unless debugging
             if debug:
                 raise
@@ -33,6 +38,14 @@ def _one_line_errors(f):
                        err=True)
             sys.exit(2)
     return wrapper
+
+
+def _stdout_to_devnull():
+    """Point stdout at /dev/null, so that Python's flush at exit does not
+    hit the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,6 +104,8 @@ def _train_options(f):
                      help="Run directory (last.ckpt, best.ckpt, metrics.jsonl)."),
         click.option("--resume", type=click.Path(), default=None,
                      help="Continue a run exactly (run directory or checkpoint)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Start afresh in an --out that holds a run, deleting that run."),
         click.option("--seed", type=int, default=D.seed, show_default=True),
         _threads_option,
         click.option("--bytes", "bytes_", is_flag=True, help="Byte vocabulary (any file, any encoding)."),
@@ -107,7 +122,7 @@ def _train_options(f):
 @_train_options
 @click.pass_context
 @_one_line_errors
-def train(ctx, corpus, resume, **options):
+def train(ctx, corpus, resume, overwrite, **options):
     """Train a model on CORPUS: text files, a directory of them, `builtin`
     or a registry name (see `charrnn corpora list`)."""
     from .train import train as train_api
@@ -116,7 +131,7 @@ def train(ctx, corpus, resume, **options):
         source = click.core.ParameterSource.COMMANDLINE
         options = {k: v for k, v in options.items()
                    if ctx.get_parameter_source("bytes_" if k == "bytes" else k) == source}
-    model = train_api(list(corpus), resume=resume, **options)
+    model = train_api(list(corpus), resume=resume, overwrite=overwrite, **options)
     if not options.get("quiet"):
         click.echo("--- a sample from the trained model (temperature 0.8) ---", err=True)
         _write(model.sample(300, temperature=0.8, seed=options.get("seed", 0)) + "\n")
@@ -152,9 +167,9 @@ _device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "aut
 def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop, beam, threads,
            device):
     """Generate text from CHECKPOINT (a .ckpt file, or a run directory: its best)."""
-    from .train import _thread_limit
+    from .parallel import thread_limit
     _, model = _load(checkpoint, device)
-    with _thread_limit(threads):
+    with thread_limit(threads):
         _sample(model, temperature, top_k, top_p, length, prime, seed, num, stop, beam)
 
 
@@ -260,9 +275,8 @@ def bench(cell, hidden, layers, batch, seq_len, embed, vocab, threads, seconds, 
     By default: LSTM 2x128, 2x256, 2x512 and GRU 2x256 at B=50, T=50, V=65."""
     import json
     from . import bench as B
-    from .kernels import cpu
-    from .model import kernels_for
-    device = "cpu" if kernels_for(device) is cpu else "cuda"  # fails fast without a GPU
+    from .kernels import backend, cpu
+    device = "cpu" if backend(device) is cpu else "cuda"  # fails fast without a GPU
     base = dict(layers=layers, batch=batch, seq_len=seq_len, embed=embed, vocab=vocab,
                 threads=threads, seconds=seconds, device=device)
     pairs = B.DEFAULT_CONFIGS if cell is None and hidden is None else [(cell or "lstm", hidden or 256)]

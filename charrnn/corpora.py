@@ -26,8 +26,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from charrnn import paths
 from charrnn.atomic import atomic_write
 from charrnn.errors import CharrnnError
+
 
 Progress = Callable[[int, int], None]
 
@@ -43,12 +45,6 @@ _CHUNK = 1 << 20
 
 # ----------------------------------------------------------------------------
 # Locations
-
-
-def default_cache_dir() -> Path:
-    """The cache directory: ``$CHARRNN_CACHE`` if set, else ``~/.cache/charrnn``."""
-    env = os.environ.get("CHARRNN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "charrnn"
 
 
 def _registry_text() -> str:
@@ -159,7 +155,7 @@ def builtin_path(name: str = "builtin", cache_dir: str | os.PathLike | None = No
         raise CharrnnError(f"the Python standard library directory {root} is missing; cannot build {name}")
     tag = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:8]
     version = ".".join(map(str, sys.version_info[:3]))
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
     final = cache / f"{key}-{sys.implementation.name}{version}-{tag}.txt"
     if final.is_file():
         return final
@@ -301,7 +297,7 @@ def fetch(
     ``entries`` replaces the packaged registry (tests use it).
     """
     entry = _entry_for(name, entries)
-    dest = Path(dest_dir).expanduser() if dest_dir is not None else default_cache_dir() / "corpora"
+    dest = Path(dest_dir).expanduser() if dest_dir is not None else paths.cache_dir() / "corpora"
     download = dest / _download_name(name, entry)
     try:
         valid = download.is_file() and _sha256_of(download) == entry["sha256"].lower()
@@ -363,7 +359,7 @@ def resolve(
         return [builtin_path(name, cache_dir)]
     entries = registry() if entries is None else entries
     if name in entries:
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else paths.cache_dir()
         return [fetch(name, cache / "corpora", progress, entries=entries)]
     raise CharrnnError(
         f"{name!r} is neither a file, a directory, a built-in corpus ({', '.join(builtin_names())}) "

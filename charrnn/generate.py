@@ -1,15 +1,13 @@
 """Sampling, beam search and evaluation in bits per character."""
 import codecs
-import concurrent.futures
 import math
-import os
 
-import numba
 import numpy as np
 
+from . import parallel
 from .errors import CharrnnError
 from .kernels import cpu as K
-from .model import CELLS, _one_thread_blas
+from .model import CELLS
 
 CHUNK = 256  # characters per Numba call while streaming
 
@@ -37,58 +35,25 @@ def _streams(model, S):
     return _Streams(model, S) if model.device == "cpu" else _DeviceStreams(model, S)
 
 
-_RANK_UNITS = 16  # the fewest hidden units worth a sampling thread (measured: README, Benchmarks)
-
-
-def _cache_aligned(**arrays):
-    """Zeroed arrays ``name=(shape, dtype)`` carved from one block, each on
-    cache lines of its own, the block padded by a line at each end: what one
-    thread writes shares no cache line with another thread's data (sharing
-    made two sampling threads slower than one)."""
-    line = K.CACHE_LINE
-    nbytes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in arrays.values()]
-    lines = [-(-n // line) * line for n in nbytes]  # rounded up to whole lines
-    block = np.zeros(sum(lines) + 3 * line, np.uint8)
-    at = line + (-block.ctypes.data) % line  # the first line boundary after a line of padding
-    out = {}
-    for (name, (shape, dt)), n, size in zip(arrays.items(), nbytes, lines):
-        out[name] = block[at:at + n].view(dt).reshape(shape)
-        at += size
-    return out
-
-
-def _sampling_threads(H):
-    """One per thread of Numba's count (``--threads``), no more than the CPUs
-    this process may run on (spinning threads must each have one), with at
-    least _RANK_UNITS hidden units each."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(numba.get_num_threads(), cpus or 1, H // _RANK_UNITS))
-
-
 class _Streams:
     """The buffers for stepping S streams one character at a time (CPU),
     split by hidden units over ``ranks`` threads (cpu.model_step; default:
-    _sampling_threads)."""
+    parallel.sampling_ranks)."""
 
     def __init__(self, model, S, ranks=None):
         c, dt = model.config, model.dtype
         V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"] or 0
-        R = min(ranks or _sampling_threads(H), H)
+        R = min(ranks or parallel.sampling_ranks(H), H)
         self.model, self.S, self.R = model, S, R
-        names = list(model._shapes)
-        starts = np.cumsum([0] + [int(np.prod(s)) for s in model._shapes.values()])
-        off = dict(zip(names, starts[:-1]))
+        off = model.offsets
         self.enc_off = int(off.get("encoder.weight", -1))
         self.dec_off = int(off["decoder.weight"])
         self.dims = (V, E)
         # the state is shared by the ranks, each writing its own hidden units
-        shared = _cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
+        shared = parallel.cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
                                 flags=((K.barrier_flags_size(R),), np.int64))
         self.hs, self.cs, self.flags = shared["hs"], shared["cs"], shared["flags"]
-        # whole cache lines of units per rank where there are enough
-        step = K.CACHE_LINE // dt.itemsize
-        step = step if H // R >= step else 1
-        cuts = [H * r // R // step * step for r in range(R)] + [H]
+        cuts = parallel.rank_cuts(H, R, dt.itemsize)
         self.ranks = [self._rank(model, S, cuts[r], cuts[r + 1]) for r in range(R)]
         self.logits = self.ranks[0]["logits"]
 
@@ -105,7 +70,7 @@ class _Streams:
                        p[f"rnn.bias_ih_l{k}"][rows], p[f"rnn.bias_hh_l{k}"][rows]]
         starts = np.cumsum([0] + [x.size for x in pieces])
         GHr, E1 = G * (j1 - j0), max(E, 1)
-        rank = _cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
+        rank = parallel.cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
                               probs=((S, V), dt), ids=((S,), np.int32), xp=((S, GHr), dt),
                               gates=((S, GHr), dt), hn=((S, j1 - j0), dt), gh=((S, GHr), dt),
                               emb=((S, E1), dt), zero_e=((E1,), dt))
@@ -114,36 +79,16 @@ class _Streams:
         return rank
 
     def _run(self, kernel, args, tail=()):
-        """kernel(...) on every rank (args(rank) its buffers), rank 0 on this
-        thread and the others on the model's pool, each with a one-thread BLAS.
-        The ranks wait for each other at barriers, so all must run at once:
-        one caller at a time on the pool, and whatever fails (Ctrl-C
-        included) releases the ranks started and waits for them."""
+        """kernel(...) on every rank at once (parallel.run_ranks), args(rank)
+        giving that rank's buffers."""
         self.flags[:] = 0
-        if self.R == 1:
-            return self._call(kernel, 0, args, tail)
-        futures = []
-        with self.model._sampling_lock, _one_thread_blas():
-            try:
-                pool = self.model._pool(self.R - 1)
-                for n in range(1, self.R):
-                    futures.append(pool.submit(self._call, kernel, n, args, tail))
-                self._call(kernel, 0, args, tail)
-            except BaseException:
-                K.release_barriers(self.flags)
-                concurrent.futures.wait(futures)
-                raise
-            for f in futures:
-                f.result()
+        m = self.model
 
-    def _call(self, kernel, n, args, tail):
-        m, r = self.model, self.ranks[n]
-        try:
+        def rank_call(n):
+            r = self.ranks[n]
             kernel(m._cell_id, r["rparams"], r["roffsets"], m.params, self.enc_off, self.dec_off,
                    *self.dims, r["j0"], *args(r), self.flags, n, self.R, *tail)
-        except BaseException:
-            K.release_barriers(self.flags)  # the other ranks wait at a barrier for this one
-            raise
+        parallel.run_ranks(rank_call, self.R, lambda: K.release_barriers(self.flags))
 
     def _settle(self, steps):
         """After ``steps`` steps the state is in [:, steps % 2]: move it to [:, 0]."""

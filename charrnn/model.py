@@ -1,12 +1,12 @@
 """Model: parameters in one flat buffer with PyTorch-named views, and the
 orchestration of the kernels for a forward pass and truncated BPTT."""
 import os
-import threading
 
-import numba
 import numpy as np
 
+from . import parallel
 from .errors import CharrnnError
+from .kernels import backend
 from .kernels import cpu as K
 
 CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate blocks G per cell
@@ -21,43 +21,54 @@ def _check_size(name, value, lo, hi=None):
         raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
 
 
-def kernels_for(device):
-    """The kernel module for ``device``: "cpu", "cuda", or "auto" (the GPU
-    when one is usable, else the CPU). A GPU asked for but not usable is a
-    one-line CharrnnError."""
-    if device == "cpu":
-        return K
-    if device not in ("cuda", "auto"):
-        raise CharrnnError(f"device must be cpu, cuda or auto, not {device!r}")
+def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
+                 nonlinearity="tanh"):
+    """The validated configuration of a model (``Model``'s arguments), as
+    ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
+    if cell not in CELLS:
+        raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
+    if (cell, nonlinearity) not in _CELL_IDS:
+        raise CharrnnError(f"nonlinearity {nonlinearity!r} is not available for cell {cell!r}")
+    _check_size("vocab_size", vocab_size, 1, 0x110000)  # at most every Unicode code point
+    _check_size("hidden", hidden, 1, 1 << 16)
+    _check_size("layers", layers, 1, 64)
+    embed = 0 if embed is None else embed
+    _check_size("embed", embed, 0, 1 << 16)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise CharrnnError(f"dropout must be in [0, 1), not {dropout!r}")
+    return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
+                embed=int(embed) or None, dropout=float(dropout), nonlinearity=nonlinearity)
+
+
+def param_shapes(config):
+    """Every parameter's PyTorch name and shape, in the order of the flat
+    buffer, for a ``model_config``."""
+    c = config
+    V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"]
+    GH = CELLS[c["cell"]] * H
+    shapes = {}
+    if E:
+        shapes["encoder.weight"] = (V, E)
+    for k in range(L):
+        inp = (E or V) if k == 0 else H
+        shapes[f"rnn.weight_ih_l{k}"] = (GH, inp)
+        shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (GH,)
+        shapes[f"rnn.bias_hh_l{k}"] = (GH,)
+    shapes["decoder.weight"] = (V, H)
+    shapes["decoder.bias"] = (V,)
+    return shapes
+
+
+def check_memory(nbytes, what):
+    """A CharrnnError when ``nbytes`` cannot fit in this machine's memory."""
     try:
-        from .kernels import cuda as KC
-        why = KC.available()
-    except ImportError as e:
-        why = f"numba-cuda is not installed ({e}); pip install 'charrnn[cuda]'"
-    if why is None:
-        return KC
-    if device == "auto":
-        return K
-    raise CharrnnError(f"--device cuda: {why}")
-
-
-_BLAS_POOLS = None
-
-
-def _one_thread_blas():
-    """Every BLAS pool at one thread, for the duration (a shard is a thread)."""
-    global _BLAS_POOLS
-    if _BLAS_POOLS is None:  # found once: enumerating the libraries is slow
-        from threadpoolctl import ThreadpoolController
-        _BLAS_POOLS = ThreadpoolController().select(user_api="blas")
-    return _BLAS_POOLS.limit(limits=1)
-
-
-def _memory_bytes():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every system says
-        return float("inf")
+        return
+    if nbytes > memory:
+        raise CharrnnError(f"{what} needs about {nbytes / 2**30:.1f} GiB, more than this "
+                           f"machine's {memory / 2**30:.1f} GiB")
 
 
 class Model:
@@ -85,33 +96,17 @@ class Model:
 
     def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
                  dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu"):
-        if cell not in CELLS:
-            raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
-        if (cell, nonlinearity) not in _CELL_IDS:
-            raise CharrnnError(f"nonlinearity {nonlinearity!r} is not available for cell {cell!r}")
-        _check_size("vocab_size", vocab_size, 1)
-        _check_size("hidden", hidden, 1, 1 << 16)
-        _check_size("layers", layers, 1, 64)
-        embed = int(embed or 0)
-        _check_size("embed", embed, 0, 1 << 16)
-        if not 0.0 <= dropout < 1.0:
-            raise CharrnnError(f"dropout must be in [0, 1), not {dropout}")
-        self.config = dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden),
-                           layers=int(layers), embed=embed or None, dropout=float(dropout),
-                           nonlinearity=nonlinearity)
+        self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity)
         self.dtype = np.dtype(dtype)
-        self._K = kernels_for(device)
+        self._K = backend(device)
         self.device = "cpu" if self._K is K else "cuda"
         if self.device == "cuda" and self.dtype != np.float32:
             raise CharrnnError("the CUDA backend computes in float32 only")
-        self._cell_id = _CELL_IDS[cell, nonlinearity]
-        self._shapes = self._param_shapes()
-        n = sum(int(np.prod(s)) for s in self._shapes.values())
-        # weights, gradients and two optimizer slots must fit in memory
-        if 4 * n * self.dtype.itemsize > _memory_bytes():
-            raise CharrnnError(f"a model of {n:,} parameters needs about "
-                               f"{4 * n * self.dtype.itemsize / 2**30:.1f} GiB to train, more "
-                               f"than this machine's {_memory_bytes() / 2**30:.1f} GiB")
+        self._cell_id = _CELL_IDS[cell, self.config["nonlinearity"]]
+        self.shapes = param_shapes(self.config)  # name -> shape, in the flat buffer's order
+        n = sum(int(np.prod(s)) for s in self.shapes.values())
+        # weights, gradients and two optimizer slots
+        check_memory(4 * n * self.dtype.itemsize, f"training a model of {n:,} parameters")
         self.params = self._K.zeros(n, dtype=self.dtype)  # every weight, one buffer
         self.grads = self._K.zeros(n, dtype=self.dtype)   # their gradients, same layout
         self._p = self._views(self.params)
@@ -119,32 +114,19 @@ class Model:
         self._rng = np.random.default_rng(seed)      # init, then dropout masks
         self._init_weights()
         self._workspaces = {}
-        self._executor = None  # the shard threads, started on first use
-        self._sampling_lock = threading.Lock()  # sampling ranks need the pool to themselves
-        self._w_hh_t = None    # transposed recurrent weights, for BPTT at few streams
+        self._w_hh_t = None    # the recurrent weights transposed, for BPTT
         self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
     # ------------------------------------------------------------ layout
-    def _param_shapes(self):
-        c = self.config
-        V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"]
-        GH = CELLS[c["cell"]] * H
-        shapes = {}
-        if E:
-            shapes["encoder.weight"] = (V, E)
-        for k in range(L):
-            inp = (E or V) if k == 0 else H
-            shapes[f"rnn.weight_ih_l{k}"] = (GH, inp)
-            shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
-            shapes[f"rnn.bias_ih_l{k}"] = (GH,)
-            shapes[f"rnn.bias_hh_l{k}"] = (GH,)
-        shapes["decoder.weight"] = (V, H)
-        shapes["decoder.bias"] = (V,)
-        return shapes
+    @property
+    def offsets(self):
+        """name -> where the parameter starts in ``params`` (and ``grads``)."""
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        return dict(zip(self.shapes, np.cumsum([0] + sizes[:-1]).tolist()))
 
     def _views(self, flat):
         views, off = {}, 0
-        for name, shape in self._shapes.items():
+        for name, shape in self.shapes.items():
             size = int(np.prod(shape))
             views[name] = flat[off:off + size].reshape(shape)
             off += size
@@ -164,19 +146,32 @@ class Model:
     def num_params(self):
         return self.params.size
 
+    @property
+    def rng_state(self):
+        """The state of the generator that draws the dropout masks (a
+        checkpoint stores it, so that a resumed run draws the same masks).
+        Each training pass draws one mask [T, B, H] per layer below the top,
+        in layer order, for the whole batch: ``random(shape, float32) >=
+        dropout`` kept, scaled by 1/(1-dropout)."""
+        return self._rng.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state):
+        self._rng.bit_generator.state = state
+
     def state_dict(self):
         """Copies of the weights, keyed by PyTorch's parameter names."""
         return {name: np.array(self._K.get(w)) for name, w in self._p.items()}
 
     def load_state_dict(self, state):
         """Load weights by name; every name must be present with its shape."""
-        missing = [n for n in self._shapes if n not in state]
-        extra = [n for n in state if n not in self._shapes]
+        missing = [n for n in self.shapes if n not in state]
+        extra = [n for n in state if n not in self.shapes]
         if missing or extra:
             parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
                     ([f"unexpected {', '.join(extra)}"] if extra else [])
             raise CharrnnError("state_dict does not match the model: " + "; ".join(parts))
-        for name, shape in self._shapes.items():
+        for name, shape in self.shapes.items():
             w = np.asarray(state[name])
             if w.shape != shape:
                 raise CharrnnError(f"{name} has shape {w.shape}, the model expects {shape}")
@@ -231,11 +226,9 @@ class Model:
         """Summed cross-entropy of a window and the next state; with ``train``
         (dropout on) the gradients of the mean land in ``self.grads``.
 
-        On the CPU the batch is cut into shards of streams (see _shard_cuts;
-        one per thread of Numba's count, which ``--threads`` sets), each run
-        by its own thread with a one-thread BLAS, and the shards' gradients
-        summed in a fixed order. The per-step GEMMs are too small to split
-        well across BLAS threads; whole shards split almost perfectly.
+        On the CPU the batch is cut into shards of streams, one per thread
+        (parallel.shard_cuts), each run by its own thread with a one-thread
+        BLAS, and the shards' gradients summed in a fixed order.
         """
         ids, targets = self._ids(x), self._ids(y, "y")
         if targets.shape != ids.shape:
@@ -247,7 +240,8 @@ class Model:
         masks = [self._dropout_mask((T, B, self.config["hidden"])) if drop else None
                  for _ in range(self.config["layers"] - 1)]
         scale = 1.0 / (B * T) if train else 0.0
-        cuts = self._shard_cuts(B)
+        w_hh_t = self._transposed_w_hh() if train else None  # BPTT reads W_hh transposed
+        cuts = parallel.shard_cuts(B, None if self.device == "cpu" else 1)
         jobs = []
         for s in range(len(cuts) - 1):
             b = slice(cuts[s], cuts[s + 1])
@@ -255,23 +249,12 @@ class Model:
             grads = self._g if s == 0 else ws.grads(self)
             part = None if state is None else tuple(a[:, b] for a in state)
             jobs.append((ws, ids[:, b], targets[:, b], part,
-                         [None if m is None else m[:, b] for m in masks], grads))
-        # BPTT at few streams reads W_hh transposed (cpu.recurrent_backward)
-        few = train and cuts[-1] - cuts[-2] <= self._K.FEW_ROWS
-        w_hh_t = self._transposed_w_hh() if few else None
-        if len(jobs) == 1:
-            total = self._shard_pass(*jobs[0], scale, train, w_hh_t)
-        else:
-            with _one_thread_blas():
-                pool = self._pool(len(jobs) - 1)
-                futures = [pool.submit(self._shard_pass, *job, scale, train, w_hh_t)
-                           for job in jobs[1:]]
-                totals = [self._shard_pass(*jobs[0], scale, train, w_hh_t)] + \
-                         [f.result() for f in futures]
-            total = sum(totals)
-            if train:
-                for job in jobs[1:]:
-                    self.grads += job[0].grad_flat
+                         [None if m is None else m[:, b] for m in masks], grads,
+                         scale, train, w_hh_t))
+        total = sum(parallel.run_shards(self._shard_pass, jobs))
+        if train:
+            for job in jobs[1:]:
+                self.grads += job[0].grad_flat
         states = [self._state_out(job[0]) for job in jobs]
         return total, tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
 
@@ -293,24 +276,6 @@ class Model:
         for k, w_t in enumerate(self._w_hh_t):
             self._K.transpose(w_t, self._p[f"rnn.weight_hh_l{k}"])
         return self._w_hh_t
-
-    def _shard_cuts(self, B):
-        """Stream boundaries of the shards: one per thread, down to one
-        stream each (a shard of one stream still pays for its thread: README,
-        Benchmarks); a GPU model runs one."""
-        if self._K is not K:
-            return [0, B]
-        n = max(1, min(numba.get_num_threads(), B))
-        return [B * s // n for s in range(n + 1)]
-
-    def _pool(self, workers):
-        if self._executor is None or self._executor[0] < workers:
-            from concurrent.futures import ThreadPoolExecutor
-            if self._executor is not None:  # more threads asked for: replace the pool
-                self._executor[1].shutdown(wait=False)
-            self._executor = workers, ThreadPoolExecutor(workers, "charrnn-shard",
-                                                         initializer=self._K.one_blas_thread_here)
-        return self._executor[1]
 
     # ------------------------------------------------------------ text
     # Thin delegates to charrnn.generate (imported here, at call time, since
@@ -344,7 +309,7 @@ class Model:
         ws = self._workspaces.get((B, T, shard))
         if ws is None:
             # room for training + validation shapes, a shard per thread each
-            if len(self._workspaces) >= 4 * numba.get_num_threads():
+            if len(self._workspaces) >= 4 * parallel.threads():
                 self._workspaces.clear()
             ws = self._workspaces[B, T, shard] = _Workspace(self, B, T)
         return ws
@@ -395,8 +360,7 @@ class Model:
 
     def _run_backward(self, ws, g, w_hh_t):
         """BPTT through ``ws``, writing the gradients into the views ``g``;
-        ``w_hh_t``: the transposed recurrent weights, or None where the
-        batch is too large to read them (cpu.recurrent_backward)."""
+        ``w_hh_t[k]``: layer k's recurrent weights transposed."""
         c, p, K = self.config, self._p, self._K
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
@@ -405,9 +369,7 @@ class Model:
                           top, p["decoder.weight"])
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
-            w_hh = p[f"rnn.weight_hh_l{k}"]
-            w_t = w_hh if w_hh_t is None else w_hh_t[k]  # not read at this many streams
-            K.recurrent_backward(self._cell_id, ws.dh_out, w_hh, w_t, lay.hs, lay.cs,
+            K.recurrent_backward(self._cell_id, ws.dh_out, w_hh_t[k], lay.hs, lay.cs,
                                  lay.gates, lay.hn, ws.dxp, ws.dgh, ws.dh_rec, ws.carry,
                                  g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"])
             dxp2 = ws.dxp.reshape(T * B, -1)

@@ -8,6 +8,9 @@ from .errors import CharrnnError
 from .kernels import cpu as K
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
+# each optimizer's state: one array the size of the parameters per slot
+OPTIMIZER_SLOTS = {"adam": ("m", "v"), "adamw": ("m", "v"), "rmsprop": ("v", "buf"),
+                   "adagrad": ("s",), "sgd": ("buf",)}
 SCHEDULES = ("constant", "cosine", "step")
 
 
@@ -30,9 +33,7 @@ class Optimizer:
         self.name, self.params, self.grads, self._K = name, params, grads, kernels
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.step_count = 0
-        slots = {"adam": ("m", "v"), "adamw": ("m", "v"), "rmsprop": ("v", "buf"),
-                 "adagrad": ("s",), "sgd": ("buf",)}[name]
-        self.state = {k: kernels.zeros(params.shape, params.dtype) for k in slots}
+        self.state = {k: kernels.zeros(params.shape, params.dtype) for k in OPTIMIZER_SLOTS[name]}
 
     def step(self, lr, clip=0.0):
         """Apply one update with learning rate ``lr``; with ``clip`` > 0 the

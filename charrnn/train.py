@@ -13,11 +13,13 @@ from pathlib import Path
 
 
 from . import checkpoint as ckpt_io
-from . import corpora
+from . import corpora, parallel
 from .atomic import atomic_write
 from .data import Vocab, Windows, encode_files, split
 from .errors import CharrnnError
-from .model import Model, kernels_for
+from .kernels import backend
+from .model import Model
+from .rundir import RunDir
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
 
 LN2 = math.log(2)
@@ -82,7 +84,7 @@ class TrainConfig:
         need(0 < self.decay <= 1, f"--decay must be in (0, 1], not {self.decay}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
-        kernels_for(self.device)  # a GPU asked for but missing: say so before reading data
+        backend(self.device)  # a GPU asked for but missing: say so before reading data
         for name in ("steps", "epochs", "minutes"):
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")
@@ -100,28 +102,35 @@ class TrainingStopped(CharrnnError):
         self.exit_code, self.model = exit_code, model
 
 
-def train(corpus, resume=None, **options):
+def train(corpus, resume=None, overwrite=False, **options):
     """Train a model on ``corpus`` and return it (with ``model.vocab`` set).
 
     ``corpus``: a path, a list of paths, a directory, a built-in corpus name
     or a registry name (see ``charrnn.corpora``). ``options``: the fields of
     ``TrainConfig``. ``resume``: a run directory or checkpoint to continue
     exactly (model, data and optimizer options then come from it; passing a
-    different value for one of them is an error).
+    different value for one of them is an error). The run directory
+    (``out``) is this process's alone while it trains; one that already
+    holds a run is refused unless it is the one resumed, or ``overwrite``
+    is given (its run is then deleted).
 
     >>> model = charrnn.train("input.txt", hidden=128, steps=1000)  # doctest: +SKIP
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise CharrnnError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    saved = ckpt_io.load(resume, prefer="last") if resume is not None else None
-    if saved is not None and "out" not in options:  # continue in the same directory
-        options["out"] = str(ckpt_io.resolve(resume, prefer="last").parent)
-    cfg = _config(options, saved)
-    paths = [p for spec in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)
-             for p in corpora.resolve(str(spec))]
-    with _thread_limit(cfg.threads):
-        return _Run(cfg, paths, saved).loop()
+    source = ckpt_io.resolve(resume, prefer="last") if resume is not None else None
+    run_dir = RunDir(options.get("out", source.parent if source else TrainConfig.out))
+    resuming_here = source is not None and source.parent.resolve() == run_dir.path.resolve()
+    if overwrite and resuming_here:
+        raise CharrnnError("--overwrite deletes the run that --resume continues: give one of them")
+    with run_dir.claim(resuming=resuming_here, overwrite=overwrite):
+        saved = ckpt_io.load(source, training=True) if source is not None else None
+        cfg = _config({**options, "out": str(run_dir.path)}, saved)
+        paths = [p for spec in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)
+                 for p in corpora.resolve(str(spec))]
+        with parallel.thread_limit(cfg.threads):
+            return _Run(cfg, paths, saved, run_dir).loop()
 
 
 def _config(options, saved):
@@ -143,23 +152,6 @@ def _config(options, saved):
         cfg.minutes = DEFAULT_MINUTES
     cfg.validate()
     return cfg
-
-
-@contextlib.contextmanager
-def _thread_limit(threads):
-    """Numba's and both BLAS pools' threads, set together (0: leave as is)."""
-    if not threads:
-        yield
-        return
-    import numba
-    from threadpoolctl import threadpool_limits
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        numba.set_num_threads(old)
 
 
 def evaluate(model, windows):
@@ -197,9 +189,8 @@ class _Stop:
 
 
 class _Run:
-    def __init__(self, cfg, paths, saved):
-        self.cfg, self.paths, self.out = cfg, paths, Path(cfg.out)
-        self._check_writable()  # before the slow part: fail fast
+    def __init__(self, cfg, paths, saved, run_dir):
+        self.cfg, self.paths, self.run_dir, self.out = cfg, paths, run_dir, run_dir.path
         vocab = saved.vocab if saved else Vocab.from_files(paths, "bytes" if cfg.bytes else "chars")
         try:
             ids = encode_files(paths, vocab)
@@ -243,7 +234,7 @@ class _Run:
                                 self.decay_every, cfg.decay)
         if saved:
             self.opt.load_state_dict(saved.optim)
-            self.model._rng.bit_generator.state = p["rng"]
+            self.model.rng_state = p["rng"]
         self.report = _Reporter(cfg.quiet, self.max_steps, cfg.minutes)
         self._write_metrics_file()
 
@@ -258,15 +249,6 @@ class _Run:
                 f"--seq-len {cfg.seq_len} (needs {cfg.batch * cfg.seq_len + 1}); "
                 f"at this --seq-len at most --batch {fits} fits, or use a longer corpus"
                 + (" or a larger --val-frac or --val-chars" if which == "validation" else "")) from None
-
-    def _check_writable(self):
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise CharrnnError(f"cannot write to the output directory {self.out}: {e.strerror or e}") from None
 
     # ------------------------------------------------------------- loop
     def loop(self):
@@ -316,7 +298,7 @@ class _Run:
         if self.first_loss is None:
             self.first_loss = loss
         if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
-            last = self.out / f"last{ckpt_io.SUFFIX}"
+            last = self.run_dir.last
             kept = (f"the last good checkpoint is {last}" if last.exists()
                     else "no checkpoint was written yet")
             raise TrainingStopped(
@@ -340,10 +322,10 @@ class _Run:
         else:
             self.bad_evals += 1
         try:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:
-            raise CharrnnError(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror or e}; "
+            raise CharrnnError(f"cannot write {self.run_dir.metrics}: {e.strerror or e}; "
                                f"the last checkpoint is kept") from None
         self._save("last")
         if improved:
@@ -354,7 +336,7 @@ class _Run:
     def _write_metrics_file(self):
         """metrics.jsonl as the checkpoint knows it (a resume drops lines
         logged after the checkpoint it continues from)."""
-        with atomic_write(self.out / "metrics.jsonl") as f:
+        with atomic_write(self.run_dir.metrics) as f:
             f.write("".join(json.dumps(r) + "\n" for r in self.metrics).encode("utf-8"))
 
     def _save(self, name):
@@ -362,7 +344,7 @@ class _Run:
         progress = {"step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
                     "first_loss": self.first_loss, "loss_sum": self.loss_sum,
                     "loss_count": self.loss_count, "elapsed_s": self._elapsed(),
-                    "corpus_chars": self.corpus_chars, "rng": model._rng.bit_generator.state}
+                    "corpus_chars": self.corpus_chars, "rng": model.rng_state}
         train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()}
         meta = {"model": model.config, "vocab": model.vocab.to_dict(), "train": train_cfg,
                 "progress": progress, "metrics": self.metrics}

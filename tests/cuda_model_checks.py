@@ -20,8 +20,8 @@ def usable():
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         return "NUMBA_ENABLE_CUDASIM=1 is not set"
     try:
-        from charrnn.model import kernels_for
-        kernels_for("cuda")
+        from charrnn.kernels import backend
+        backend("cuda")
     except Exception as e:  # numba-cuda missing, or its simulator broken
         return str(e).splitlines()[0]
     return None

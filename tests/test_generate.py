@@ -13,7 +13,8 @@ import reference as ref
 from charrnn import CharrnnError, Model, Vocab
 from charrnn.cli import main
 from charrnn.kernels import cpu as K
-from charrnn.generate import (_cache_aligned, _sampling_threads, _Streams, beam_search, evaluate,
+from charrnn.parallel import cache_aligned, sampling_ranks
+from charrnn.generate import (_Streams, beam_search, evaluate,
                               sample)
 
 TEXT = "to be or not to be, that is the question.\n" * 20
@@ -136,7 +137,7 @@ def test_a_failing_sampling_thread_releases_the_others(model, failing):
 
 
 def test_buffers_of_sampling_threads_share_no_cache_line():
-    arrays = _cache_aligned(a=((3,), np.float32), b=((2, 5), np.int64), c=((1,), np.int32))
+    arrays = cache_aligned(a=((3,), np.float32), b=((2, 5), np.int64), c=((1,), np.int32))
     spans = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in arrays.values())
     assert all(start % 64 == 0 for start, _ in spans)
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
@@ -252,7 +253,7 @@ def test_cli_sample_seed_repeats(saved):
 
 def test_cli_sample_text_is_the_same_on_one_thread_or_two(saved):
     # hidden 32: two threads split it (generate._RANK_UNITS)
-    if _sampling_threads(32) < 2:
+    if sampling_ranks(32) < 2:
         pytest.skip("needs two CPUs")
     args = ["sample", str(saved), "--length", "80", "--seed", "3", "--threads"]
     one = CliRunner().invoke(main, args + ["1"])

@@ -1,10 +1,12 @@
 """The model's forward pass and BPTT against the float64 reference, finite
 differences and (where installed) PyTorch."""
+import contextlib
+
 import numpy as np
 import pytest
 
 import reference as ref
-from charrnn import CharrnnError, Model
+from charrnn import CharrnnError, Model, parallel
 
 V, H, E, B, T = 7, 5, 3, 2, 4
 CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
@@ -110,14 +112,10 @@ def test_dropout_masks_scale_kept_units_by_inverse_keep_rate():
 
 @pytest.fixture
 def threads():
-    """Set Numba's thread count (which sets the number of training shards)
-    for the test, and put it back."""
-    import numba
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs two Numba threads")
-    old = numba.get_num_threads()
-    yield numba.set_num_threads
-    numba.set_num_threads(old)
+    """Set the thread count (which sets the number of training shards) for
+    the test, and put it back."""
+    with contextlib.ExitStack() as stack:
+        yield lambda n: stack.enter_context(parallel.thread_limit(n))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

@@ -11,12 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_readme_opens_with_the_two_setup_commands_ci_runs():
+def test_readme_opens_with_the_two_setup_commands_ci_runs_in_order():
     first_block = re.search(r"```sh\n(.*?)```", README, re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
     assert first_block[0].startswith("pip install . && charrnn train builtin")
-    test_command = first_block[1].split("#")[0].strip()
-    assert test_command in (ROOT / ".ci" / "run").read_text()
+    commands = [line.split("#")[0].strip() for line in first_block]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    at = [ci.index(c) for c in commands]  # each a line of its own, in the README's order
+    assert at == sorted(at)
+    after = "\n".join(ci[at[-1] + 1:])  # then the installed command, from another directory
+    assert "cd " in after and "charrnn --version" in after and "charrnn sample" in after
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):

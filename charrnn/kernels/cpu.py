@@ -26,6 +26,10 @@ from numba.extending import intrinsic, overload
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # nogil: training shards run the kernels from several threads at once.
 _JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+# Overloads compile inside their callers, whose cached code holds them; a
+# cache of their own would be placed when first called, outside the cache
+# directory that kernels/__init__.py chooses at import.
+_INLINED = {k: v for k, v in _JIT.items() if k != "cache"}
 
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 _ONE = np.float32(1.0)
@@ -41,7 +45,7 @@ def tanh(x):
     return np.tanh(x)
 
 
-@overload(tanh, jit_options=_JIT)
+@overload(tanh, jit_options=_INLINED)
 def _tanh_impl(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return _tanh_f32
@@ -210,17 +214,28 @@ def _few_rows_times_weights(out, a, w):
             out[M - 1, j0], out[M - 1, j1], out[M - 1, j2], out[M - 1, j3] = s0, s1, s2, s3
 
 
+@njit(inline="always", **_JIT)
+def _check_product(out, a, b, trans_a, trans_b):
+    """Refuse operands whose shapes do not make out = op(a) @ op(b), rather
+    than read one as another shape."""
+    M, K = (a.shape[1], a.shape[0]) if trans_a else (a.shape[0], a.shape[1])
+    Kb, N = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+    if K != Kb or out.shape[0] != M or out.shape[1] != N:
+        raise ValueError("matmul: the shapes of out, a and b do not make out = op(a) @ op(b)")
+
+
 def matmul(out, a, b, trans_a, trans_b):
     """out = op(a) @ op(b), op transposing where its flag is set; every array
     C-contiguous (a transposed operand is read in place, never copied)."""
 
 
-@overload(matmul, jit_options=_JIT)
+@overload(matmul, jit_options=_INLINED)
 def _matmul_impl(out, a, b, trans_a, trans_b):
     if out.dtype == types.float32:
         def sgemm(out, a, b, trans_a, trans_b):
             M, N = out.shape
             K = a.shape[0] if trans_a else a.shape[1]
+            _check_product(out, a, b, trans_a, trans_b)
             if M <= FEW_ROWS and trans_b and not trans_a:
                 _few_rows_times_weights(out, a, b)
                 return
@@ -231,6 +246,7 @@ def _matmul_impl(out, a, b, trans_a, trans_b):
         return sgemm
 
     def dgemm(out, a, b, trans_a, trans_b):  # float64 (gradient checks): NumPy's dot
+        _check_product(out, a, b, trans_a, trans_b)
         if trans_a and trans_b:
             np.dot(a.T, b.T, out)
         elif trans_a:
@@ -477,14 +493,14 @@ def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
 
 
 @njit(**_JIT)
-def recurrent_backward(cell, dh_out, w_hh, w_hh_t, hs, cs, gates, hn,
+def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh):
     """Truncated BPTT through one layer over a window.
 
     dh_out [T,B,H]  gradient reaching the layer's outputs from above
-    w_hh_t [H,G*H]  W_hh transposed: up to FEW_ROWS streams the recurrent
-                    product dgh @ W_hh runs as dgh @ w_hh_t.T, the few-rows
-                    kernel's form; with more streams it is not read
+    w_hh_t [H,G*H]  W_hh transposed: the recurrent product dgh @ W_hh runs
+                    as dgh @ w_hh_t.T, the form matmul's few-rows kernel
+                    takes (matmul alone decides which product runs)
     dxp [T,B,G*H]   out: gradient of the input projections (feeds
                     linear_backward / embedding_backward for W_ih, b_ih)
     dgh [T,B,G*H]   out: gradient of h W_hh^T; for LSTM/RNN it is dxp itself,
@@ -493,16 +509,16 @@ def recurrent_backward(cell, dh_out, w_hh, w_hh_t, hs, cs, gates, hn,
     No gradient flows into the incoming state (it is detached, as in
     char-rnn and torch-rnn).
     """
-    T, B = dh_out.shape[0], dh_out.shape[1]
+    T, B, H = dh_out.shape[0], dh_out.shape[1], dh_out.shape[2]
+    if w_hh_t.shape[0] != H or w_hh_t.shape[1] != dgh.shape[2] or dw_hh.shape[0] != dgh.shape[2]:
+        raise ValueError("recurrent_backward: w_hh_t must be [H, G*H] and dw_hh [G*H, H]")
     relu = cell == RNN_RELU
     carry[:] = 0
     for t in range(T - 1, -1, -1):
         if t == T - 1:
             dh_rec[:] = 0
-        elif B <= FEW_ROWS:
-            matmul(dh_rec, dgh[t + 1], w_hh_t, False, True)
         else:
-            matmul(dh_rec, dgh[t + 1], w_hh, False, False)
+            matmul(dh_rec, dgh[t + 1], w_hh_t, False, True)
         for b in range(B):
             if cell == LSTM:
                 lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], cs[t, b],
@@ -515,7 +531,6 @@ def recurrent_backward(cell, dh_out, w_hh, w_hh_t, hs, cs, gates, hn,
                                   dxp[t, b])
     # Weight gradient as one GEMM over the window: dW_hh = dgh^T h_prev.
     G = dgh.shape[2]
-    H = hs.shape[2]
     dg2 = dgh.reshape(T * B, G)
     matmul(dw_hh, dg2, hs[:T].reshape(T * B, H), True, False)
     column_sum(db_hh, dg2)

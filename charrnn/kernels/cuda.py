@@ -364,23 +364,23 @@ def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
         _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, hs, cs, gates, hn)
 
 
-FEW_ROWS = 0  # the CPU's few-rows product (see cpu.FEW_ROWS) has no GPU twin
-
-
-def recurrent_backward(cell, dh_out, w_hh, w_hh_t, hs, cs, gates, hn,
+def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh):
     """Truncated BPTT through one layer over a window (see
     cpu.recurrent_backward): for LSTM/RNN the caller passes dxp as dgh.
-    dh_rec, carry [B,H] scratch; dw_hh, db_hh overwritten. ``w_hh_t`` is not
-    read: with FEW_ROWS = 0 every product here reads ``w_hh``."""
+    w_hh_t [H,G*H] is W_hh transposed; dh_rec, carry [B,H] scratch; dw_hh,
+    db_hh overwritten."""
     T, B, H = dh_out.shape[0], dh_out.shape[1], hs.shape[2]
     G = dgh.shape[2]
+    if w_hh_t.shape != (H, G) or dw_hh.shape != (G, H):
+        raise ValueError(f"recurrent_backward: w_hh_t {w_hh_t.shape} must be {(H, G)} "
+                         f"and dw_hh {dw_hh.shape} {(G, H)}")
     _zero(carry)
     for t in range(T - 1, -1, -1):
         if t == T - 1:
             _zero(dh_rec)
         else:
-            gemm(dh_rec, dgh[t + 1], w_hh)
+            gemm(dh_rec, dgh[t + 1], w_hh_t, trans_b=True)
         _cell_backward_kernel[_launch(B * H)](cell, t, dh_out, dh_rec, gates, hs, cs,
                                               hn, carry, dxp, dgh)
     # Weight gradient as one GEMM over the window: dW_hh = dgh^T h_prev.
