@@ -7,6 +7,7 @@ Public API: ``train``, ``load``, ``Model``, ``Vocab``, ``CharrnnError``.
 >>> model = charrnn.load("run")                           # doctest: +SKIP
 >>> print(model.sample(200, temperature=0.8, prime="ROMEO:"))  # doctest: +SKIP
 """
+from . import checkpoint
 from .data import Vocab
 from .errors import CharrnnError
 from .model import Model
@@ -19,5 +20,4 @@ __all__ = ["Vocab", "Model", "CharrnnError", "train", "load", "__version__"]
 def load(path):
     """The model of a checkpoint file, or of a run directory's best checkpoint,
     with ``model.vocab`` set."""
-    from .checkpoint import load as load_checkpoint
-    return load_checkpoint(path, prefer="best").model()
+    return Model.from_checkpoint(checkpoint.load(path, prefer="best"))

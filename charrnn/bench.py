@@ -48,13 +48,13 @@ def measure_charrnn(cfg):
         m = Model(V, cell=cfg["cell"], hidden=cfg["hidden"], layers=cfg["layers"],
                   embed=cfg["embed"] or None, device=cfg["device"])
         m.vocab = Vocab("".join(chr(0x100 + i) for i in range(V)))
-        opt = Optimizer("adam", m.params, m.grads, kernels=m._K)
+        opt = Optimizer.for_model(m, "adam")
         rng = np.random.default_rng(0)
         x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
         state = [None]
 
         def step():
-            _, state[0] = m._train_pass(x, y, state[0])
+            _, state[0] = m.train_pass(x, y, state[0])
             opt.step(2e-3, 5.0)
         dt = _timed(step, cfg["seconds"])
         out = {"train_chars_per_s": B * T / dt}

@@ -7,6 +7,7 @@ vocabulary, training config and progress), ``param/<pytorch name>``,
 training streams carry). Written atomically.
 """
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from .atomic import atomic_write
 from .data import Vocab
 from .errors import CharrnnError
-from .model import Model, check_memory, model_config, param_shapes
+from .layout import check_memory, model_config, param_shapes
 from .optim import OPTIMIZER_SLOTS
 
 FORMAT = "charrnn-checkpoint"
@@ -34,18 +35,19 @@ class Checkpoint:
     def vocab(self):
         return Vocab.from_dict(self.meta["vocab"])
 
-    def model(self, device="cpu"):
-        """A Model with these weights on ``device``, ``model.vocab`` set."""
-        cfg = self.meta["model"]
-        try:
-            model = Model(**cfg, device=device)
-        except TypeError as e:
-            raise CharrnnError(f"checkpoint has an unknown model configuration: {e}") from None
-        model.load_state_dict(self.params)
-        model.vocab = self.vocab
-        if len(model.vocab) != cfg["vocab_size"]:
-            raise CharrnnError("checkpoint's vocabulary does not match its model")
-        return model
+
+def describe(ckpt):
+    """What ``charrnn info`` shows: the format version, the model
+    configuration and size, the vocabulary and the training progress."""
+    config = ckpt.meta["model"]
+    vocab = ckpt.vocab
+    progress = ckpt.meta.get("progress", {})
+    best = progress.get("best_val")
+    return {"format_version": ckpt.meta["version"], **config,
+            "parameters": sum(int(np.prod(s)) for s in param_shapes(config).values()),
+            "vocab_size": len(vocab), "vocab_mode": vocab.mode, "vocab_preview": vocab.preview(),
+            "step": progress.get("step"),
+            "best_val_bpc": best / math.log(2) if best is not None and math.isfinite(best) else None}
 
 
 def save(path, ckpt):
@@ -57,14 +59,6 @@ def save(path, ckpt):
     arrays.update({f"state/{i}": s for i, s in enumerate(ckpt.state)})
     with atomic_write(path) as f:
         np.savez(f, **arrays)
-
-
-def save_model(path, model):
-    """A checkpoint of just a model and its vocabulary (no training state)."""
-    if model.vocab is None:
-        raise CharrnnError("this model has no vocabulary to save with it")
-    save(path, Checkpoint({"model": model.config, "vocab": model.vocab.to_dict()},
-                          model.state_dict()))
 
 
 def resolve(path, prefer="best"):
@@ -144,6 +138,8 @@ def _read_meta(z, info, bad):
                            f"this charrnn reads up to {VERSION}: upgrade charrnn")
     if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("vocab"), dict):
         raise CharrnnError(f"{bad} (no model configuration or vocabulary)")
+    if len(Vocab.from_dict(meta["vocab"])) != meta["model"].get("vocab_size"):
+        raise CharrnnError(f"{bad} (its vocabulary does not match its model)")
     return meta
 
 

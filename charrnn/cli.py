@@ -141,8 +141,8 @@ def train(ctx, corpus, resume, overwrite, **options):
 
 def _load(path, device="cpu"):
     from .checkpoint import load
-    ckpt = load(path, prefer="best")
-    return ckpt, ckpt.model(device)
+    from .model import Model
+    return Model.from_checkpoint(load(path, prefer="best"), device)
 
 
 _device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
@@ -168,7 +168,7 @@ def sample(checkpoint, temperature, top_k, top_p, length, prime, seed, num, stop
            device):
     """Generate text from CHECKPOINT (a .ckpt file, or a run directory: its best)."""
     from .parallel import thread_limit
-    _, model = _load(checkpoint, device)
+    model = _load(checkpoint, device)
     with thread_limit(threads):
         _sample(model, temperature, top_k, top_p, length, prime, seed, num, stop, beam)
 
@@ -202,18 +202,8 @@ def _write(text):
 def eval_(checkpoint, file, skip_unknown, as_json, device):
     """Bits per character of FILE under CHECKPOINT, the state carried over the whole file."""
     import json
-    from .generate import evaluate
-    _, model = _load(checkpoint, device)
-    try:
-        raw = open(file, "rb").read()
-    except OSError as e:
-        raise CharrnnError(f"cannot read {file}: {e.strerror or e}") from None
-    if model.vocab.mode == "chars":
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CharrnnError(f"{file} is not valid UTF-8 text (byte {e.start})") from None
-    r = evaluate(model, raw, skip_unknown=skip_unknown)
+    from .generate import score_file
+    r = score_file(_load(checkpoint, device), file, skip_unknown=skip_unknown)
     if as_json:
         click.echo(json.dumps({"file": str(file), **r}))
     else:
@@ -229,22 +219,15 @@ def eval_(checkpoint, file, skip_unknown, as_json, device):
 def info(checkpoint, as_json):
     """Describe CHECKPOINT: model, vocabulary, training progress, format."""
     import json
-    import math
-    ckpt, model = _load(checkpoint)
-    p = ckpt.meta.get("progress", {})
-    best = p.get("best_val")
-    d = {"path": str(checkpoint), "format_version": ckpt.meta["version"], **model.config,
-         "parameters": model.num_params, "vocab_size": len(model.vocab),
-         "vocab_mode": model.vocab.mode, "vocab_preview": model.vocab.preview(),
-         "step": p.get("step"),
-         "best_val_bpc": best / math.log(2) if best is not None and math.isfinite(best) else None}
+    from .checkpoint import describe, load
+    d = describe(load(checkpoint, prefer="best"))
+    d["path"] = str(checkpoint)
     if as_json:
         click.echo(json.dumps(d))
         return
-    c = model.config
-    click.echo(f"{c['cell']} {c['layers']}x{c['hidden']}, "
-               f"{'embedding ' + str(c['embed']) if c['embed'] else 'one-hot input'}, "
-               f"dropout {c['dropout']}, {d['parameters']:,} parameters")
+    click.echo(f"{d['cell']} {d['layers']}x{d['hidden']}, "
+               f"{'embedding ' + str(d['embed']) if d['embed'] else 'one-hot input'}, "
+               f"dropout {d['dropout']}, {d['parameters']:,} parameters")
     click.echo(f"vocabulary: {d['vocab_size']} {d['vocab_mode']}: {d['vocab_preview']!r}")
     if d["step"] is not None:
         bpc = f"{d['best_val_bpc']:.4f}" if d["best_val_bpc"] is not None else "-"

@@ -7,7 +7,7 @@ import numpy as np
 from . import parallel
 from .errors import CharrnnError
 from .kernels import cpu as K
-from .model import CELLS
+from .kernels.cells import gates
 
 CHUNK = 256  # characters per Numba call while streaming
 
@@ -29,39 +29,47 @@ def _vocab(model):
     return model.vocab
 
 
-def _streams(model, S):
+def streams_for(model, S):
     """Stepping S streams: one Numba call per thread and chunk on the CPU, a
     step at a time through the model's own passes on a GPU."""
-    return _Streams(model, S) if model.device == "cpu" else _DeviceStreams(model, S)
+    return Streams(model, S) if model.device == "cpu" else DeviceStreams(model, S)
 
 
-class _Streams:
+class Streams:
     """The buffers for stepping S streams one character at a time (CPU),
     split by hidden units over ``ranks`` threads (cpu.model_step; default:
-    parallel.sampling_ranks)."""
+    parallel.sampling_ranks). ``logits`` [S,V] predicts each stream's next
+    character; ``hs``, ``cs`` [L,S,H] hold the state."""
 
     def __init__(self, model, S, ranks=None):
         c, dt = model.config, model.dtype
         V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"] or 0
         R = min(ranks or parallel.sampling_ranks(H), H)
         self.model, self.S, self.R = model, S, R
-        off = model.offsets
-        self.enc_off = int(off.get("encoder.weight", -1))
-        self.dec_off = int(off["decoder.weight"])
-        self.dims = (V, E)
         # the state is shared by the ranks, each writing its own hidden units
         shared = parallel.cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
-                                flags=((K.barrier_flags_size(R),), np.int64))
-        self.hs, self.cs, self.flags = shared["hs"], shared["cs"], shared["flags"]
+                                        flags=((K.barrier_flags_size(R),), np.int64))
+        self._state, self._flags = (shared["hs"], shared["cs"]), shared["flags"]
         cuts = parallel.rank_cuts(H, R, dt.itemsize)
-        self.ranks = [self._rank(model, S, cuts[r], cuts[r + 1]) for r in range(R)]
-        self.logits = self.ranks[0]["logits"]
+        self._ranks = [self._rank(model, S, r, cuts[r], cuts[r + 1]) for r in range(R)]
 
-    @staticmethod
-    def _rank(model, S, j0, j1):
-        """A rank's weights (the rows of hidden units j0:j1) and buffers."""
-        c, dt, p = model.config, model.dtype, model._p
-        V, H, E, G = c["vocab_size"], c["hidden"], c["embed"] or 0, CELLS[c["cell"]]
+    @property
+    def logits(self):
+        return self._ranks[0]["scratch"][0]
+
+    @property
+    def hs(self):
+        return self._state[0][:, 0]
+
+    @property
+    def cs(self):
+        return self._state[1][:, 0]
+
+    def _rank(self, model, S, r, j0, j1):
+        """Rank r's weights (the rows of hidden units j0:j1), its buffers
+        and its arguments to the kernels (cpu.model_step)."""
+        c, dt, p = model.config, model.dtype, model.weights
+        V, H, E, G = c["vocab_size"], c["hidden"], c["embed"] or 0, gates(c["cell"], c["nonlinearity"])
         rows = (np.arange(G)[:, None] * H + np.arange(j0, j1)).ravel()
         pieces = []
         for k in range(c["layers"]):
@@ -70,71 +78,70 @@ class _Streams:
                        p[f"rnn.bias_ih_l{k}"][rows], p[f"rnn.bias_hh_l{k}"][rows]]
         starts = np.cumsum([0] + [x.size for x in pieces])
         GHr, E1 = G * (j1 - j0), max(E, 1)
-        rank = parallel.cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
-                              probs=((S, V), dt), ids=((S,), np.int32), xp=((S, GHr), dt),
-                              gates=((S, GHr), dt), hn=((S, j1 - j0), dt), gh=((S, GHr), dt),
-                              emb=((S, E1), dt), zero_e=((E1,), dt))
-        np.concatenate([np.ravel(x) for x in pieces], out=rank["rparams"])
-        rank.update(roffsets=starts[:-1].reshape(-1, 4).astype(np.int64), j0=j0)
-        return rank
+        a = parallel.cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
+                                   probs=((S, V), dt), ids=((S,), np.int32), xp=((S, GHr), dt),
+                                   gates=((S, GHr), dt), gh=((S, GHr), dt), hn=((S, j1 - j0), dt),
+                                   emb=((S, E1), dt), zero_e=((E1,), dt))
+        np.concatenate([np.ravel(x) for x in pieces], out=a["rparams"])
+        off = model.offsets
+        return {"net": (a["rparams"], starts[:-1].reshape(-1, 4).astype(np.int64), model.params),
+                "dims": (int(off.get("encoder.weight", -1)), int(off["decoder.weight"]), V, E, j0),
+                "scratch": (a["logits"], a["xp"], a["gates"], a["gh"], a["hn"], a["emb"], a["zero_e"]),
+                "sync": (self._flags, r, self.R), "ids": a["ids"], "probs": a["probs"]}
 
-    def _run(self, kernel, args, tail=()):
-        """kernel(...) on every rank at once (parallel.run_ranks), args(rank)
-        giving that rank's buffers."""
-        self.flags[:] = 0
-        m = self.model
+    def _run(self, kernel, *args):
+        """kernel(cell, net, dims, state, scratch, sync, *args(rank)) on
+        every rank at once (parallel.run_ranks)."""
+        self._flags[:] = 0
+        cell = self.model.cell_id
 
         def rank_call(n):
-            r = self.ranks[n]
-            kernel(m._cell_id, r["rparams"], r["roffsets"], m.params, self.enc_off, self.dec_off,
-                   *self.dims, r["j0"], *args(r), self.flags, n, self.R, *tail)
-        parallel.run_ranks(rank_call, self.R, lambda: K.release_barriers(self.flags))
+            r = self._ranks[n]
+            kernel(cell, r["net"], r["dims"], self._state, r["scratch"], r["sync"],
+                   *(a(r) if callable(a) else a for a in args))
+        parallel.run_ranks(rank_call, self.R, lambda: K.release_barriers(self._flags))
 
     def _settle(self, steps):
         """After ``steps`` steps the state is in [:, steps % 2]: move it to [:, 0]."""
         if steps % 2:
-            self.hs[:, 0] = self.hs[:, 1]
-            self.cs[:, 0] = self.cs[:, 1]
+            for a in self._state:
+                a[:, 0] = a[:, 1]
 
     def feed(self, prime_ids):
         """Run the prime through the model (one batched pass); afterwards
         ``logits`` predicts the character after it. No prime: uniform."""
-        for r in self.ranks:
-            r["logits"][:] = 0
+        for r in self._ranks:
+            r["scratch"][0][:] = 0
         if len(prime_ids) == 0:
             return
         x = np.tile(np.asarray(prime_ids, dtype=np.int32), (self.S, 1))
         logits, state = self.model.forward(x)
-        for r in self.ranks:
-            r["logits"][:] = logits[:, -1]
-        self.hs[:, 0] = state[0]
-        if len(state) == 2:
-            self.cs[:, 0] = state[1]
+        for r in self._ranks:
+            r["scratch"][0][:] = logits[:, -1]
+        for a, s in zip(self._state, state):
+            a[:, 0] = s
 
     def step(self, ids):
-        for r in self.ranks:
+        for r in self._ranks:
             r["ids"][:] = ids
-        self._run(K.model_step, lambda r: (r["ids"], 0, self.hs, self.cs, r["logits"], r["xp"],
-                                            r["gates"], r["hn"], r["gh"], r["emb"], r["zero_e"]),
-                  (0,))
+        self._run(K.model_step, lambda r: r["ids"], 0, 0)
         self._settle(1)
 
     def reorder(self, parents):
         """Stream s continues from stream parents[s] (beam search)."""
-        self.hs[:, 0] = self.hs[:, 0][:, parents]
-        self.cs[:, 0] = self.cs[:, 0][:, parents]
+        for a in self._state:
+            a[:, 0] = a[:, 0][:, parents]
 
     def sample(self, n, uniforms, temperature, top_k, top_p):
+        """Draw n characters per stream with ``uniforms`` [n, S]: [n, S] ids."""
         out = np.zeros((n, self.S), np.int32)
         rule = (float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
-        self._run(K.generate, lambda r: (self.hs, self.cs, r["logits"], uniforms, *rule, out,
-                                          r["ids"], r["probs"], r["xp"], r["gates"], r["hn"],
-                                          r["gh"], r["emb"], r["zero_e"]))
+        self._run(K.generate, rule, uniforms, lambda r: r["ids"], lambda r: r["probs"], out)
         self._settle(n)
         return out
 
 
-class _DeviceStreams:
+class DeviceStreams:
     """The same interface on a GPU model: each step is a one-character
     window of the model's forward pass, each draw one launch of the CUDA
     twin of pick_token."""
@@ -157,7 +164,7 @@ class _DeviceStreams:
         self.state = tuple(s[:, parents] for s in self.state)
 
     def sample(self, n, uniforms, temperature, top_k, top_p):
-        Kd = self.model._K
+        Kd = self.model.backend
         out = np.zeros((n, self.S), np.int32)
         ids, logits, u = Kd.zeros(self.S, np.int32), Kd.zeros(self.logits.shape), Kd.zeros(self.S, np.float64)
         for i in range(n):
@@ -192,7 +199,7 @@ def generate(model, length, temperature=1.0, prime="", top_k=None, top_p=None, s
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise CharrnnError(f"num must be a whole number >= 1, not {num!r}")
     vocab = _vocab(model)
-    streams = _streams(model, num)
+    streams = streams_for(model, num)
     prime_ids = _prime_ids(vocab, prime)
     streams.feed(prime_ids)
     rng = np.random.default_rng(seed)
@@ -241,7 +248,7 @@ def beam_search(model, length, prime="", width=8):
         raise CharrnnError(f"beam width must be a whole number >= 1, not {width!r}")
     vocab = _vocab(model)
     V = len(vocab)
-    streams = _streams(model, width)
+    streams = streams_for(model, width)
     prime_ids = _prime_ids(vocab, prime)
     streams.feed(prime_ids)
     scores = np.full(width, -np.inf)
@@ -269,7 +276,26 @@ def beam_search(model, length, prime="", width=8):
     return head + best
 
 
-def evaluate(model, text, skip_unknown=False, window=1024):
+def score_file(model, path, skip_unknown=False):
+    """``score`` of the file at ``path`` (UTF-8 text for a character model,
+    raw bytes for a bytes model), with its name in any error."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
+    if _vocab(model).mode == "chars":
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CharrnnError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+    try:
+        return score(model, raw, skip_unknown)
+    except CharrnnError as e:
+        raise CharrnnError(f"{path}: {e}") from None
+
+
+def score(model, text, skip_unknown=False, window=1024):
     """Score ``text`` with the state carried over all of it (one stream).
 
     Returns ``{"bpc", "nats", "perplexity", "chars", "skipped"}``: bits and

@@ -1,74 +1,13 @@
 """Model: parameters in one flat buffer with PyTorch-named views, and the
 orchestration of the kernels for a forward pass and truncated BPTT."""
-import os
-
 import numpy as np
 
-from . import parallel
+from . import checkpoint, generate, parallel
 from .errors import CharrnnError
 from .kernels import backend
 from .kernels import cpu as K
-
-CELLS = {"lstm": 4, "gru": 3, "rnn": 1}  # gate blocks G per cell
-_CELL_IDS = {("lstm", "tanh"): K.LSTM, ("gru", "tanh"): K.GRU,
-             ("rnn", "tanh"): K.RNN_TANH, ("rnn", "relu"): K.RNN_RELU}
-
-
-def _check_size(name, value, lo, hi=None):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo \
-            or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
-
-
-def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
-                 nonlinearity="tanh"):
-    """The validated configuration of a model (``Model``'s arguments), as
-    ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
-    if cell not in CELLS:
-        raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
-    if (cell, nonlinearity) not in _CELL_IDS:
-        raise CharrnnError(f"nonlinearity {nonlinearity!r} is not available for cell {cell!r}")
-    _check_size("vocab_size", vocab_size, 1, 0x110000)  # at most every Unicode code point
-    _check_size("hidden", hidden, 1, 1 << 16)
-    _check_size("layers", layers, 1, 64)
-    embed = 0 if embed is None else embed
-    _check_size("embed", embed, 0, 1 << 16)
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise CharrnnError(f"dropout must be in [0, 1), not {dropout!r}")
-    return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
-                embed=int(embed) or None, dropout=float(dropout), nonlinearity=nonlinearity)
-
-
-def param_shapes(config):
-    """Every parameter's PyTorch name and shape, in the order of the flat
-    buffer, for a ``model_config``."""
-    c = config
-    V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"]
-    GH = CELLS[c["cell"]] * H
-    shapes = {}
-    if E:
-        shapes["encoder.weight"] = (V, E)
-    for k in range(L):
-        inp = (E or V) if k == 0 else H
-        shapes[f"rnn.weight_ih_l{k}"] = (GH, inp)
-        shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
-        shapes[f"rnn.bias_ih_l{k}"] = (GH,)
-        shapes[f"rnn.bias_hh_l{k}"] = (GH,)
-    shapes["decoder.weight"] = (V, H)
-    shapes["decoder.bias"] = (V,)
-    return shapes
-
-
-def check_memory(nbytes, what):
-    """A CharrnnError when ``nbytes`` cannot fit in this machine's memory."""
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not every system says
-        return
-    if nbytes > memory:
-        raise CharrnnError(f"{what} needs about {nbytes / 2**30:.1f} GiB, more than this "
-                           f"machine's {memory / 2**30:.1f} GiB")
+from .kernels.cells import CELL_IDS, gates
+from .layout import check_memory, model_config, named_views, param_shapes
 
 
 class Model:
@@ -98,19 +37,19 @@ class Model:
                  dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu"):
         self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity)
         self.dtype = np.dtype(dtype)
-        self._K = backend(device)
-        self.device = "cpu" if self._K is K else "cuda"
+        self.backend = backend(device)
+        self.device = "cpu" if self.backend is K else "cuda"
         if self.device == "cuda" and self.dtype != np.float32:
             raise CharrnnError("the CUDA backend computes in float32 only")
-        self._cell_id = _CELL_IDS[cell, self.config["nonlinearity"]]
+        self.cell_id = CELL_IDS[cell, self.config["nonlinearity"]]
         self.shapes = param_shapes(self.config)  # name -> shape, in the flat buffer's order
         n = sum(int(np.prod(s)) for s in self.shapes.values())
         # weights, gradients and two optimizer slots
         check_memory(4 * n * self.dtype.itemsize, f"training a model of {n:,} parameters")
-        self.params = self._K.zeros(n, dtype=self.dtype)  # every weight, one buffer
-        self.grads = self._K.zeros(n, dtype=self.dtype)   # their gradients, same layout
-        self._p = self._views(self.params)
-        self._g = self._views(self.grads)
+        self.params = self.backend.zeros(n, dtype=self.dtype)  # every weight, one buffer
+        self.grads = self.backend.zeros(n, dtype=self.dtype)   # their gradients, same layout
+        self.weights = named_views(self.shapes, self.params)
+        self.gradients = named_views(self.shapes, self.grads)
         self._rng = np.random.default_rng(seed)      # init, then dropout masks
         self._init_weights()
         self._workspaces = {}
@@ -124,23 +63,15 @@ class Model:
         sizes = [int(np.prod(s)) for s in self.shapes.values()]
         return dict(zip(self.shapes, np.cumsum([0] + sizes[:-1]).tolist()))
 
-    def _views(self, flat):
-        views, off = {}, 0
-        for name, shape in self.shapes.items():
-            size = int(np.prod(shape))
-            views[name] = flat[off:off + size].reshape(shape)
-            off += size
-        return views
-
     def _init_weights(self):
         bound = 1.0 / np.sqrt(self.config["hidden"])
         host = np.zeros(self.params.shape, self.dtype)
-        for name, w in self._views(host).items():
+        for name, w in named_views(self.shapes, host).items():
             if name == "encoder.weight":
                 w[...] = self._rng.standard_normal(w.shape)
             else:
                 w[...] = self._rng.uniform(-bound, bound, w.shape)
-        self._K.put(self.params, host)
+        self.backend.put(self.params, host)
 
     @property
     def num_params(self):
@@ -161,7 +92,7 @@ class Model:
 
     def state_dict(self):
         """Copies of the weights, keyed by PyTorch's parameter names."""
-        return {name: np.array(self._K.get(w)) for name, w in self._p.items()}
+        return {name: np.array(self.backend.get(w)) for name, w in self.weights.items()}
 
     def load_state_dict(self, state):
         """Load weights by name; every name must be present with its shape."""
@@ -177,7 +108,7 @@ class Model:
                 raise CharrnnError(f"{name} has shape {w.shape}, the model expects {shape}")
             if not np.all(np.isfinite(w)):
                 raise CharrnnError(f"{name} holds non-finite values")
-            self._K.put(self._p[name], w)
+            self.backend.put(self.weights[name], w)
 
     # ------------------------------------------------------------ passes
     def initial_state(self, batch):
@@ -195,7 +126,7 @@ class Model:
         ws = self._workspace(B, T, 0)
         self._feed(ws, ids, self._check_state(state, B))
         self._run_forward(ws, [None] * (self.config["layers"] - 1))
-        logits = self._K.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
+        logits = self.backend.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
         return np.ascontiguousarray(logits), self._state_out(ws)
 
     def loss(self, x, y, state=None):
@@ -213,10 +144,10 @@ class Model:
         Dropout, if any, applies here, with
         the same mask in the forward and backward pass.
         """
-        loss, state = self._train_pass(x, y, state)
-        return loss, {name: self._K.get(g) for name, g in self._g.items()}, state
+        loss, state = self.train_pass(x, y, state)
+        return loss, {name: self.backend.get(g) for name, g in self.gradients.items()}, state
 
-    def _train_pass(self, x, y, state):
+    def train_pass(self, x, y, state=None):
         """loss_and_grads without handing out the gradients: they stay in
         ``self.grads`` (on the device, for a GPU model) for the optimizer."""
         total, state = self._pass(x, y, state, train=True)
@@ -246,7 +177,7 @@ class Model:
         for s in range(len(cuts) - 1):
             b = slice(cuts[s], cuts[s + 1])
             ws = self._workspace(b.stop - b.start, T, s)
-            grads = self._g if s == 0 else ws.grads(self)
+            grads = self.gradients if s == 0 else ws.grads(self)
             part = None if state is None else tuple(a[:, b] for a in state)
             jobs.append((ws, ids[:, b], targets[:, b], part,
                          [None if m is None else m[:, b] for m in masks], grads,
@@ -260,9 +191,9 @@ class Model:
 
     def _shard_pass(self, ws, ids, targets, state, masks, grads, scale, train, w_hh_t):
         self._feed(ws, ids, state)
-        self._K.put(ws.targets, targets.reshape(-1))
+        self.backend.put(ws.targets, targets.reshape(-1))
         self._run_forward(ws, masks)
-        total = self._K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
+        total = self.backend.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
         if train:
             self._run_backward(ws, grads, w_hh_t)
         return total
@@ -271,38 +202,46 @@ class Model:
         """weight_hh_l{k}.T of every layer, refreshed (shared by the shards)."""
         if self._w_hh_t is None:
             H, L = self.config["hidden"], self.config["layers"]
-            GH = CELLS[self.config["cell"]] * H
-            self._w_hh_t = [self._K.zeros((H, GH), self.dtype) for _ in range(L)]
+            GH = gates(self.config["cell"], self.config["nonlinearity"]) * H
+            self._w_hh_t = [self.backend.zeros((H, GH), self.dtype) for _ in range(L)]
         for k, w_t in enumerate(self._w_hh_t):
-            self._K.transpose(w_t, self._p[f"rnn.weight_hh_l{k}"])
+            self.backend.transpose(w_t, self.weights[f"rnn.weight_hh_l{k}"])
         return self._w_hh_t
 
-    # ------------------------------------------------------------ text
-    # Thin delegates to charrnn.generate (imported here, at call time, since
-    # it builds on this module).
+    # ------------------------------------------------------------ text and files
     def sample(self, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None):
         """``length`` new characters after ``prime`` (the result starts with
         ``prime``). ``temperature`` 0 is argmax; ``top_k`` / ``top_p``
         restrict the draw to the k most likely / the nucleus of mass p; the
         same ``seed`` gives the same text."""
-        from .generate import sample
-        return sample(self, length, temperature, prime, top_k, top_p, seed)[0]
+        return generate.sample(self, length, temperature, prime, top_k, top_p, seed)[0]
 
     def generate(self, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None):
         """``sample`` as an iterator of characters, produced as it runs."""
-        from .generate import generate
-        for pieces in generate(self, length, temperature, prime, top_k, top_p, seed):
+        for pieces in generate.generate(self, length, temperature, prime, top_k, top_p, seed):
             yield from pieces[0]
 
     def evaluate(self, text):
         """Bits per character of ``text``, the state carried over all of it."""
-        from .generate import evaluate
-        return evaluate(self, text)["bpc"]
+        return generate.score(self, text)["bpc"]
 
     def save(self, path):
         """Write a checkpoint holding this model and its vocabulary."""
-        from .checkpoint import save_model
-        save_model(path, self)
+        if self.vocab is None:
+            raise CharrnnError("this model has no vocabulary to save with it")
+        checkpoint.save(path, checkpoint.Checkpoint(
+            {"model": self.config, "vocab": self.vocab.to_dict()}, self.state_dict()))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="cpu"):
+        """The model of a loaded ``checkpoint.Checkpoint`` on ``device``,
+        with ``vocab`` set."""
+        model = cls(**ckpt.meta["model"], device=device)
+        model.load_state_dict(ckpt.params)
+        model.vocab = ckpt.vocab
+        if len(model.vocab) != model.config["vocab_size"]:
+            raise CharrnnError("checkpoint's vocabulary does not match its model")
+        return model
 
     # ------------------------------------------------------------ internals
     def _workspace(self, B, T, shard):
@@ -328,7 +267,7 @@ class Model:
     def _run_forward(self, ws, masks):
         """Forward through ``ws`` (ids and state in place); ``masks[k]`` is the
         dropout mask on layer k's output, or None."""
-        c, p, K = self.config, self._p, self._K
+        c, p, K = self.config, self.weights, self.backend
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         drop = masks[0] is not None if masks else False
         for k in range(L):
@@ -351,7 +290,7 @@ class Model:
                         inp = below.dropped
                 lay.inp = inp
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
-            K.recurrent_forward(self._cell_id, lay.xp, p[f"rnn.weight_hh_l{k}"],
+            K.recurrent_forward(self.cell_id, lay.xp, p[f"rnn.weight_hh_l{k}"],
                                 p[f"rnn.bias_hh_l{k}"], lay.hs, lay.cs, lay.gates,
                                 lay.hn, ws.gh)
         ws.dropout_on = drop
@@ -361,7 +300,7 @@ class Model:
     def _run_backward(self, ws, g, w_hh_t):
         """BPTT through ``ws``, writing the gradients into the views ``g``;
         ``w_hh_t[k]``: layer k's recurrent weights transposed."""
-        c, p, K = self.config, self._p, self._K
+        c, p, K = self.config, self.weights, self.backend
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         top = ws.layers[-1].hs[1:].reshape(T * B, H)
         dh = ws.dh_out.reshape(T * B, H)
@@ -369,7 +308,7 @@ class Model:
                           top, p["decoder.weight"])
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
-            K.recurrent_backward(self._cell_id, ws.dh_out, w_hh_t[k], lay.hs, lay.cs,
+            K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], lay.hs, lay.cs,
                                  lay.gates, lay.hn, ws.dxp, ws.dgh, ws.dh_rec, ws.carry,
                                  g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"])
             dxp2 = ws.dxp.reshape(T * B, -1)
@@ -410,22 +349,22 @@ class Model:
 
     def _feed(self, ws, ids, state):
         """Time-major ids [T, B] and the incoming state (or None) into ``ws``."""
-        self._K.put(ws.ids, ids.reshape(-1))
+        self.backend.put(ws.ids, ids.reshape(-1))
         self._set_state_in(ws, state)
 
     def _set_state_in(self, ws, state):
         if state is None:
             for lay in ws.layers:
-                self._K.put(lay.hs[0], 0)
-                self._K.put(lay.cs[0], 0)
+                self.backend.put(lay.hs[0], 0)
+                self.backend.put(lay.cs[0], 0)
             return
         for k, lay in enumerate(ws.layers):
-            self._K.put(lay.hs[0], state[0][k])
+            self.backend.put(lay.hs[0], state[0][k])
             if len(state) == 2:
-                self._K.put(lay.cs[0], state[1][k])
+                self.backend.put(lay.cs[0], state[1][k])
 
     def _state_out(self, ws):
-        get = self._K.get
+        get = self.backend.get
         h = np.stack([get(lay.hs[-1]) for lay in ws.layers])
         if self.config["cell"] == "lstm":
             return h, np.stack([get(lay.cs[-1]) for lay in ws.layers])
@@ -453,9 +392,9 @@ class _Workspace:
     and reused: no allocation per step or per window."""
 
     def __init__(self, model, B, T):
-        c, dt, zeros = model.config, model.dtype, model._K.zeros
+        c, dt, zeros = model.config, model.dtype, model.backend.zeros
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
-        G = CELLS[c["cell"]]
+        G = gates(c["cell"], c["nonlinearity"])
         self.B, self.T = B, T
         self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
         self.gh = zeros((B, G * H), dt)
@@ -485,5 +424,5 @@ class _Workspace:
         cannot write into the model's)."""
         if self.grad_flat is None:
             self.grad_flat = np.zeros_like(model.grads)
-            self.grad_views = model._views(self.grad_flat)
+            self.grad_views = named_views(model.shapes, self.grad_flat)
         return self.grad_views

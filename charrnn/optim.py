@@ -1,5 +1,6 @@
 """Optimizers over the model's flat parameter buffer, gradient clipping and
 learning-rate schedules."""
+import dataclasses
 import math
 
 import numpy as np
@@ -30,16 +31,21 @@ class Optimizer:
             raise CharrnnError(f"momentum must be in [0, 1), not {momentum}")
         if weight_decay < 0:
             raise CharrnnError(f"weight decay must be >= 0, not {weight_decay}")
-        self.name, self.params, self.grads, self._K = name, params, grads, kernels
+        self.name, self.params, self.grads, self.backend = name, params, grads, kernels
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.step_count = 0
         self.state = {k: kernels.zeros(params.shape, params.dtype) for k in OPTIMIZER_SLOTS[name]}
+
+    @classmethod
+    def for_model(cls, model, name="adam", momentum=0.0, weight_decay=0.0):
+        """An optimizer of ``model``'s parameters, on the model's device."""
+        return cls(name, model.params, model.grads, momentum, weight_decay, model.backend)
 
     def step(self, lr, clip=0.0):
         """Apply one update with learning rate ``lr``; with ``clip`` > 0 the
         gradient is first scaled so its global L2 norm is at most ``clip``.
         Returns the gradient norm before clipping."""
-        K = self._K
+        K = self.backend
         norm = math.sqrt(K.squared_norm(self.grads))
         scale = clip / (norm + 1e-6) if 0 < clip < norm else 1.0  # PyTorch's clip_grad_norm_
         self.step_count += 1
@@ -57,32 +63,44 @@ class Optimizer:
 
     def state_dict(self):
         return {"step_count": self.step_count,
-                **{k: np.array(self._K.get(v)) for k, v in self.state.items()}}
+                **{k: np.array(self.backend.get(v)) for k, v in self.state.items()}}
 
     def load_state_dict(self, d):
         for k, v in self.state.items():
             if k not in d or np.shape(d[k]) != v.shape:
                 raise CharrnnError(f"optimizer state {k!r} is missing or has the wrong shape")
-            self._K.put(v, d[k])
+            self.backend.put(v, d[k])
         self.step_count = int(d["step_count"])
 
 
-def learning_rate(step, base_lr, schedule="constant", warmup=0, total_steps=None,
-                  decay_every=None, decay=0.5, min_frac=0.1):
-    """The learning rate for update number ``step`` (0-based).
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The learning rate against the update number.
 
     - warm-up: linear from base_lr/warmup to base_lr over ``warmup`` steps;
     - ``constant``; ``cosine``: from base_lr down to ``min_frac``*base_lr at
       ``total_steps``; ``step``: times ``decay`` every ``decay_every`` steps.
     """
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "constant":
-        return base_lr
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup)
-        t = min(1.0, (step - warmup) / span)
-        return base_lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-    if schedule == "step":
-        return base_lr * decay ** ((step - warmup) // decay_every)
-    raise CharrnnError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+    base_lr: float
+    kind: str = "constant"
+    warmup: int = 0
+    total_steps: int = None
+    decay_every: int = None
+    decay: float = 0.5
+    min_frac: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise CharrnnError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.kind!r}")
+
+    def get_lr(self, step):
+        """The learning rate for update number ``step`` (0-based)."""
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup)
+            t = min(1.0, (step - self.warmup) / span)
+            return self.base_lr * (self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+        if self.kind == "step":
+            return self.base_lr * self.decay ** ((step - self.warmup) // self.decay_every)
+        return self.base_lr

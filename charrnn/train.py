@@ -20,7 +20,7 @@ from .errors import CharrnnError
 from .kernels import backend
 from .model import Model
 from .rundir import RunDir
-from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
+from .optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
 
 LN2 = math.log(2)
 DEFAULT_MINUTES = 10.0
@@ -93,6 +93,35 @@ class TrainConfig:
             need(self.steps or self.epochs, "--schedule cosine needs --steps or --epochs to know where to end")
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what its checkpoints store so that a resumed run
+    continues exactly as if it had never stopped."""
+    step: int = 0                 # updates done
+    best_val: float = math.inf    # the lowest validation loss so far
+    bad_evals: int = 0            # evaluations since it improved (--patience)
+    first_loss: float = None      # the first training loss (divergence is 3x it)
+    loss_sum: float = 0.0         # training losses since the last evaluation ...
+    loss_count: int = 0           # ... and how many
+    elapsed_s: float = 0.0        # training time before this process
+    corpus_chars: int = 0         # the corpus it was trained on, as a check on resume
+    rng: dict = None              # the dropout masks' generator
+
+    @classmethod
+    def from_dict(cls, d):
+        """A checkpoint's progress, each field checked for its type."""
+        try:
+            p = cls(**d)
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                     for v in (p.step, p.best_val, p.bad_evals, p.loss_sum, p.loss_count,
+                               p.elapsed_s, p.corpus_chars)) and isinstance(p.rng, dict)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise CharrnnError("the checkpoint's training progress is not readable")
+        return p
+
+
 class TrainingStopped(CharrnnError):
     """Training ended early: interrupted (exit 130/143) or diverged (exit 1).
     ``model`` holds the model as it was at the last good step."""
@@ -154,7 +183,7 @@ def _config(options, saved):
     return cfg
 
 
-def evaluate(model, windows):
+def validation_loss(model, windows):
     """Mean loss (nats/char) over all windows, state carried, no updates."""
     state, total = None, 0.0
     for k in range(len(windows)):
@@ -196,7 +225,7 @@ class _Run:
             ids = encode_files(paths, vocab)
         except CharrnnError as e:
             raise CharrnnError(f"the corpus does not fit the resumed run's vocabulary: {e}") from None
-        if saved and ids.size != saved.meta["progress"]["corpus_chars"]:
+        if saved and ids.size != Progress.from_dict(saved.meta.get("progress")).corpus_chars:
             raise CharrnnError(f"the corpus has {ids.size} characters, the resumed run was trained on "
                                f"{saved.meta['progress']['corpus_chars']}: resume needs the same corpus")
         self.corpus_chars = ids.size
@@ -207,34 +236,29 @@ class _Run:
         self.val_windows = self._windows(val_ids, "validation")
 
         if saved:
-            self.model = saved.model(device=cfg.device)
+            self.model = Model.from_checkpoint(saved, device=cfg.device)
         else:
             self.model = Model(len(vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
                                embed=cfg.embed, dropout=cfg.dropout, seed=cfg.seed,
                                nonlinearity=cfg.nonlinearity, device=cfg.device)
             self.model.vocab = vocab
-        self.opt = Optimizer(cfg.optimizer, self.model.params, self.model.grads,
-                             cfg.momentum, cfg.weight_decay, self.model._K)
+        self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay)
         n = len(self.train_windows)
         budget = [cfg.steps] if cfg.steps else []
         if cfg.epochs:
             budget.append(math.ceil(cfg.epochs * n))
         self.max_steps = min(budget) if budget else None
-        self.decay_every = cfg.decay_every or max(1, (self.max_steps or 3 * n) // 3)
-        p = saved.meta["progress"] if saved else {}
-        self.step = p.get("step", 0)
-        self.best_val = p.get("best_val", math.inf)
-        self.bad_evals = p.get("bad_evals", 0)
-        self.first_loss = p.get("first_loss")
-        self.loss_sum, self.loss_count = p.get("loss_sum", 0.0), p.get("loss_count", 0)
-        self.elapsed0 = p.get("elapsed_s", 0.0)
+        self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
+                                 cfg.decay_every or max(1, (self.max_steps or 3 * n) // 3), cfg.decay)
+        self.progress = Progress.from_dict(saved.meta.get("progress")) if saved else \
+            Progress(corpus_chars=self.corpus_chars)
+        self.elapsed0 = self.progress.elapsed_s
         self.metrics = saved.meta.get("metrics", []) if saved else []
         self.state = (saved.state or None) if saved else None
-        self.lr = learning_rate(self.step, cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
-                                self.decay_every, cfg.decay)
+        self.lr = self.schedule.get_lr(self.progress.step)
         if saved:
             self.opt.load_state_dict(saved.optim)
-            self.model.rng_state = p["rng"]
+            self.model.rng_state = self.progress.rng
         self.report = _Reporter(cfg.quiet, self.max_steps, cfg.minutes)
         self._write_metrics_file()
 
@@ -254,7 +278,7 @@ class _Run:
     def loop(self):
         cfg, n = self.cfg, len(self.train_windows)
         self.t0 = time.perf_counter()
-        self.mark = (self.t0, self.step)
+        self.mark = (self.t0, self.progress.step)
         self.report.start(self)
         with _Stop() as stop:
             while not self._budget_spent():
@@ -262,65 +286,65 @@ class _Run:
                     self._save("last")
                     code = 128 + stop.signum
                     raise TrainingStopped(
-                        f"interrupted at step {self.step}; continue with: charrnn train "
+                        f"interrupted at step {self.progress.step}; continue with: charrnn train "
                         f"{' '.join(map(str, self.paths))} --resume {self.out}", code, self.model)
-                k = self.step % n
+                k = self.progress.step % n
                 if k == 0:
                     self.state = None  # a new epoch starts each stream afresh
-                loss, state = self.model._train_pass(*self.train_windows[k], self.state)
+                loss, state = self.model.train_pass(*self.train_windows[k], self.state)
                 self._check_loss(loss)
-                lr = learning_rate(self.step, cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
-                                   self.decay_every, cfg.decay)
+                lr = self.schedule.get_lr(self.progress.step)
                 self.opt.step(lr, cfg.clip)
                 self.state, self.lr = state, lr
-                self.step += 1
-                self.loss_sum += loss
-                self.loss_count += 1
-                if self.step % cfg.eval_every == 0:
+                self.progress.step += 1
+                self.progress.loss_sum += loss
+                self.progress.loss_count += 1
+                if self.progress.step % cfg.eval_every == 0:
                     self._eval()
                 self.report.tick(self, loss)
-            if self.loss_count:
+            if self.progress.loss_count:
                 self._eval()
         self.report.finish(self)
         return self.model
 
-    def _elapsed(self):
+    def elapsed(self):
         return self.elapsed0 + time.perf_counter() - self.t0
 
     def _budget_spent(self):
-        if self.max_steps is not None and self.step >= self.max_steps:
+        if self.max_steps is not None and self.progress.step >= self.max_steps:
             return True
-        if self.cfg.minutes is not None and self._elapsed() >= self.cfg.minutes * 60:
+        if self.cfg.minutes is not None and self.elapsed() >= self.cfg.minutes * 60:
             return True
-        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+        return bool(self.cfg.patience) and self.progress.bad_evals >= self.cfg.patience
 
     def _check_loss(self, loss):
-        if self.first_loss is None:
-            self.first_loss = loss
-        if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
+        if self.progress.first_loss is None:
+            self.progress.first_loss = loss
+        if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.progress.first_loss:
             last = self.run_dir.last
             kept = (f"the last good checkpoint is {last}" if last.exists()
                     else "no checkpoint was written yet")
             raise TrainingStopped(
-                f"training diverged at step {self.step}: loss {loss:.4g} (it started at "
-                f"{self.first_loss:.4g}); {kept}; try a lower --lr (now {self.cfg.lr:g}) "
+                f"training diverged at step {self.progress.step}: loss {loss:.4g} (it started at "
+                f"{self.progress.first_loss:.4g}); {kept}; try a lower --lr (now {self.cfg.lr:g}) "
                 f"or a --clip (now {self.cfg.clip:g})", 1)
 
     def _eval(self):
+        p = self.progress
         now = time.perf_counter()  # the rate covers training, not evaluation
-        rate = (self.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
-        val = evaluate(self.model, self.val_windows)
-        row = {"step": self.step, "epoch": round(self.step / len(self.train_windows), 4),
-               "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
+        rate = (p.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
+        val = validation_loss(self.model, self.val_windows)
+        row = {"step": p.step, "epoch": round(p.step / len(self.train_windows), 4),
+               "train_loss": p.loss_sum / p.loss_count if p.loss_count else None,
                "val_loss": val, "val_bpc": val / LN2, "lr": self.lr,
-               "chars_per_s": round(rate, 1), "elapsed_s": round(self._elapsed(), 3)}
+               "chars_per_s": round(rate, 1), "elapsed_s": round(self.elapsed(), 3)}
         self.metrics.append(row)
-        self.loss_sum, self.loss_count = 0.0, 0
-        improved = val < self.best_val
+        p.loss_sum, p.loss_count = 0.0, 0
+        improved = val < p.best_val
         if improved:
-            self.best_val, self.bad_evals = val, 0
+            p.best_val, p.bad_evals = val, 0
         else:
-            self.bad_evals += 1
+            p.bad_evals += 1
         try:
             with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -331,7 +355,7 @@ class _Run:
         if improved:
             self._save("best")
         self.report.eval(self, row, improved)
-        self.mark = (time.perf_counter(), self.step)
+        self.mark = (time.perf_counter(), self.progress.step)
 
     def _write_metrics_file(self):
         """metrics.jsonl as the checkpoint knows it (a resume drops lines
@@ -341,13 +365,10 @@ class _Run:
 
     def _save(self, name):
         model, cfg = self.model, self.cfg
-        progress = {"step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                    "first_loss": self.first_loss, "loss_sum": self.loss_sum,
-                    "loss_count": self.loss_count, "elapsed_s": self._elapsed(),
-                    "corpus_chars": self.corpus_chars, "rng": model.rng_state}
+        progress = dataclasses.replace(self.progress, elapsed_s=self.elapsed(), rng=model.rng_state)
         train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()}
         meta = {"model": model.config, "vocab": model.vocab.to_dict(), "train": train_cfg,
-                "progress": progress, "metrics": self.metrics}
+                "progress": dataclasses.asdict(progress), "metrics": self.metrics}
         ckpt_io.save(self.out / f"{name}{ckpt_io.SUFFIX}",
                      ckpt_io.Checkpoint(meta, model.state_dict(), self.opt.state_dict(),
                                         self.state or ()))
@@ -384,11 +405,11 @@ class _Reporter:
 
     def _eta(self, run):
         left = []
-        rate = (run.step - run.mark[1]) / max(time.perf_counter() - run.mark[0], 1e-9)
+        rate = (run.progress.step - run.mark[1]) / max(time.perf_counter() - run.mark[0], 1e-9)
         if self.max_steps and rate > 0:
-            left.append((self.max_steps - run.step) / rate)
+            left.append((self.max_steps - run.progress.step) / rate)
         if self.minutes:
-            left.append(self.minutes * 60 - run._elapsed())
+            left.append(self.minutes * 60 - run.elapsed())
         return f" | ETA {_fmt_time(max(0, min(left)))}" if left else ""
 
     def tick(self, run, loss):
@@ -396,10 +417,10 @@ class _Reporter:
         if not self.live or now - self.last_draw < 0.25:
             return
         self.last_draw = now
-        steps = f"{run.step}/{self.max_steps}" if self.max_steps else f"{run.step}"
+        steps = f"{run.progress.step}/{self.max_steps}" if self.max_steps else f"{run.progress.step}"
         val = f" | val {self.last_val:.4f} ({self.last_val / LN2:.3f} bpc)" if self.last_val else ""
-        rate = (run.step - run.mark[1]) * run.cfg.batch * run.cfg.seq_len / max(now - run.mark[0], 1e-9)
-        print(f"\r\033[Kstep {steps} (epoch {run.step / len(run.train_windows):.2f}) | "
+        rate = (run.progress.step - run.mark[1]) * run.cfg.batch * run.cfg.seq_len / max(now - run.mark[0], 1e-9)
+        print(f"\r\033[Kstep {steps} (epoch {run.progress.step / len(run.train_windows):.2f}) | "
               f"loss {loss:.4f}{val} | {rate / 1e3:.1f}k chars/s{self._eta(run)}",
               end="", file=sys.stderr, flush=True)
 
@@ -414,5 +435,5 @@ class _Reporter:
 
     def finish(self, run):
         if not self.quiet:
-            self._print(f"done: step {run.step}, best val {run.best_val:.4f} nats "
-                        f"({run.best_val / LN2:.3f} bpc); checkpoints in {run.out}")
+            self._print(f"done: step {run.progress.step}, best val {run.progress.best_val:.4f} nats "
+                        f"({run.progress.best_val / LN2:.3f} bpc); checkpoints in {run.out}")

@@ -49,7 +49,7 @@ def check_training(cell, nl, embed):
     clipped Adam step after each (so the later windows see updated weights)."""
     from charrnn.optim import Optimizer
     cpu, gpu = model_pair(cell, nl, embed, dropout=0.3)
-    opts = [Optimizer("adam", m.params, m.grads, kernels=m._K) for m in (cpu, gpu)]
+    opts = [Optimizer.for_model(m, "adam") for m in (cpu, gpu)]
     errs, states = [], [None, None]
     for x, y in windows(0) + windows(1)[:1]:
         results = [m.loss_and_grads(x, y, st) for m, st in zip((cpu, gpu), states)]

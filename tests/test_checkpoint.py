@@ -50,13 +50,13 @@ def crafted(tmp_path, members, **replace):
 
 def refused(path, match):
     with pytest.raises(CharrnnError, match=match):
-        checkpoint.load(path).model()
+        Model.from_checkpoint(checkpoint.load(path))
     r = CliRunner().invoke(main, ["sample", str(path), "--length", "5"])
     assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1
 
 
 def test_the_untouched_checkpoint_loads(good, tmp_path):
-    assert checkpoint.load(crafted(tmp_path, good)).model().sample(5, seed=0)
+    assert Model.from_checkpoint(checkpoint.load(crafted(tmp_path, good))).sample(5, seed=0)
 
 
 def test_a_parameter_array_of_strings_is_refused(good, tmp_path):

@@ -13,8 +13,8 @@ import reference as ref
 from charrnn import CharrnnError, Model, Vocab
 from charrnn.cli import main
 from charrnn.kernels import cpu as K
-from charrnn.parallel import cache_aligned, sampling_ranks
-from charrnn.generate import (_Streams, beam_search, evaluate,
+from charrnn.parallel import cache_aligned, run_ranks, sampling_ranks
+from charrnn.generate import (Streams, beam_search, score,
                               sample)
 
 TEXT = "to be or not to be, that is the question.\n" * 20
@@ -91,12 +91,12 @@ def test_batch_samples_are_independent_and_reproducible(model):
 
 
 def _ranked_sample(model, ranks, S=3, n=60, prime=(1, 2, 3)):
-    streams = _Streams(model, S, ranks)
+    streams = Streams(model, S, ranks)
     streams.feed(np.asarray(prime, np.int32))
     u = np.random.default_rng(7).random((n, S))
     out = np.concatenate([streams.sample(n // 2, u[:n // 2], 0.9, None, None),
                           streams.sample(n - n // 2, u[n // 2:], 0.9, None, None)])
-    return out, streams.hs[:, 0].copy(), streams.cs[:, 0].copy(), streams.logits.copy()
+    return out, streams.hs.copy(), streams.cs.copy(), streams.logits.copy()
 
 
 @pytest.mark.parametrize("layers,embed", [(1, None), (2, 5), (3, None)])
@@ -110,24 +110,19 @@ def test_sampling_split_over_threads_by_hidden_units_gives_the_one_thread_text(c
 
 
 @pytest.mark.parametrize("failing", [0, 1])
-def test_a_failing_sampling_thread_releases_the_others(model, failing):
-    streams = _Streams(model, 1, 2)
-    streams.feed(np.zeros(0, np.int32))
+def test_a_failing_sampling_rank_releases_the_ranks_waiting_for_it(failing):
+    flags = np.zeros(K.barrier_flags_size(2), np.int64)
 
-    def fail_on_one_rank(*args):
-        *_, rank, _ = args
-        if rank == failing:
-            raise RuntimeError(f"rank {rank} failed")
-        return K.generate(*args)  # waits at its first barrier until released
+    def rank(r):
+        if r == failing:
+            raise RuntimeError(f"rank {r} failed")
+        K.barrier(flags, r, 2, 1)  # waits for the failed rank until released
 
     raised = []
 
     def run():
         try:
-            streams._run(fail_on_one_rank, lambda r: (
-                streams.hs, streams.cs, r["logits"], np.zeros((5, 1)), 1.0, 0, 1.0,
-                np.zeros((5, 1), np.int32), r["ids"], r["probs"], r["xp"], r["gates"], r["hn"],
-                r["gh"], r["emb"], r["zero_e"]))
+            run_ranks(rank, 2, lambda: K.release_barriers(flags))
         except RuntimeError as e:
             raised.append(str(e))
     caller = threading.Thread(target=run, daemon=True)
@@ -169,7 +164,7 @@ def test_beam_search_finds_a_continuation_at_least_as_likely_as_greedy(model):
 
 def test_evaluate_is_the_mean_loss_with_the_state_carried(model):
     text = TEXT[:300]
-    r = evaluate(model, text, window=64)
+    r = score(model, text, window=64)
     params = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
     ids = model.vocab.encode(text)
     want, _ = ref.loss(params, ids[None, :-1], ids[None, 1:], model.config["cell"], 2)
@@ -179,8 +174,8 @@ def test_evaluate_is_the_mean_loss_with_the_state_carried(model):
 
 def test_evaluate_names_unknown_characters_or_skips_them(model):
     with pytest.raises(CharrnnError, match="'☃'"):
-        evaluate(model, "to be☃")
-    assert evaluate(model, "to be☃ or", skip_unknown=True)["skipped"] == 1
+        score(model, "to be☃")
+    assert score(model, "to be☃ or", skip_unknown=True)["skipped"] == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [

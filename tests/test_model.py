@@ -72,11 +72,14 @@ def test_gradients_match_finite_differences(cell, nl, layers, embed):
         assert rel_err(grads[name], fd[name]) < 1e-6, name
 
 
-def _dropout_masks(m):
-    """Each layer's dropout mask over the whole batch (each shard holds its streams')."""
-    shards = sorted((key for key in m._workspaces if key[1] == T), key=lambda key: key[2])
-    return [np.concatenate([m._workspaces[s].layers[k].mask for s in shards], axis=1)
-            for k in range(m.config["layers"])]
+def _next_dropout_masks(m, T, B):
+    """The masks the model's next training pass draws (Model.rng_state says
+    how): one [T, B, H] per layer below the top."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = m.rng_state
+    p = m.config["dropout"]
+    return [(rng.random((T, B, m.config["hidden"]), dtype=np.float32) >= p) * (1.0 / (1.0 - p))
+            for _ in range(m.config["layers"] - 1)]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -84,9 +87,9 @@ def test_dropout_uses_the_same_mask_forward_and_backward(cell):
     m = make_model(cell, "tanh", 3, None, dropout=0.4)
     params = m.state_dict()
     (x, y), _ = windows()
+    masks = _next_dropout_masks(m, T, B)
     loss, grads, _ = m.loss_and_grads(x, y)
-    masks = _dropout_masks(m)
-    assert any((mk == 0).any() for mk in masks[:-1])
+    assert any((mk == 0).any() for mk in masks)
     want, _ = ref.loss(params, x, y, cell, 3, masks=masks)
     assert loss == pytest.approx(want, rel=1e-12)
     fd = ref.finite_difference_grads(lambda p: ref.loss(p, x, y, cell, 3, masks=masks)[0], params)
@@ -104,9 +107,12 @@ def test_dropout_is_off_in_forward_and_loss():
 
 def test_dropout_masks_scale_kept_units_by_inverse_keep_rate():
     m = make_model("gru", "tanh", 2, None, dropout=0.25)
-    m.loss_and_grads(*windows()[0])
-    mask = _dropout_masks(m)[0]
-    assert set(np.unique(mask)) <= {0.0, np.float64(1 / 0.75)}
+    x, y = windows()[0]
+    masks = _next_dropout_masks(m, T, B)
+    loss, _, _ = m.loss_and_grads(x, y)
+    assert set(np.unique(masks[0])) == {0.0, np.float64(1 / 0.75)}
+    # the model applied exactly these masks
+    assert loss == pytest.approx(ref.loss(m.state_dict(), x, y, "gru", 2, masks=masks)[0], rel=1e-12)
 
 
 
@@ -130,7 +136,7 @@ def test_batch_shards_give_the_one_shard_losses_gradients_and_states(cell, threa
         loss2, grads, state = m.loss_and_grads(x2, y2, state)
         val, _ = m.loss(x2, y2, state)
         results.append((loss1, loss2, val, {k: g.copy() for k, g in grads.items()}, state))
-    assert len(m._workspaces) == 2  # two shards of 4 and 5 streams ran
+    assert parallel.shard_cuts(9) == [0, 4, 9]  # two shards of 4 and 5 streams ran
     (a1, a2, av, ag, ast), (b1, b2, bv, bg, bst) = results
     assert (a1, a2, av) == pytest.approx((b1, b2, bv), rel=1e-13)
     for name in ag:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from charrnn import Model, Vocab, parallel
-from charrnn.generate import _Streams
+from charrnn.generate import Streams
 
 CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
 V = 9
@@ -135,13 +135,13 @@ def samplers(draw):
 
 
 def _ranked_text(m, c, ranks, n=24):
-    streams = _Streams(m, c["streams"], ranks)
+    streams = Streams(m, c["streams"], ranks)
     streams.feed(m.vocab.encode("the "))
     u = np.random.default_rng(c["seed"]).random((n, c["streams"]))
     rule = (c["temperature"], c["top_k"], c["top_p"])
     out = np.concatenate([streams.sample(n // 2, u[:n // 2], *rule),
                           streams.sample(n - n // 2, u[n // 2:], *rule)])
-    return out, streams.hs[:, 0].copy(), streams.cs[:, 0].copy(), streams.logits.copy()
+    return out, streams.hs.copy(), streams.cs.copy(), streams.logits.copy()
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))

@@ -8,8 +8,9 @@ All matrix products run inside Numba (SciPy's BLAS) so that one BLAS thread
 pool is in play. Kernels are generic over float32 / float64: the library runs
 float32, the gradient tests run the training kernels in float64.
 
-Nothing here imports the rest of charrnn: Numba's cache does not notice edits
-to helpers in other modules, so a kernel and its helpers live together.
+Nothing here imports the rest of charrnn but the cell table (cells.py):
+Numba's cache does not notice edits to helpers in other modules, so a kernel
+and its helpers live together.
 """
 import ctypes
 import ctypes.util
@@ -22,6 +23,8 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic, overload
 
+from .cells import GATES, GRU, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
+
 # fastmath without nnan/ninf: those would delete the isfinite checks on losses.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # nogil: training shards run the kernels from several threads at once.
@@ -31,10 +34,7 @@ _JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # directory that kernels/__init__.py chooses at import.
 _INLINED = {k: v for k, v in _JIT.items() if k != "cache"}
 
-LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 _ONE = np.float32(1.0)
-
-
 _HALF = np.float32(0.5)
 
 
@@ -463,7 +463,7 @@ def recurrent_step(cell, xp, w_hh, b_hh, h_in, c_in, gates, hn, gh, h_out, c_out
     h_out, c_out [B,H] hidden units j0:j0+Hr written
     Training runs all units (j0 = 0, Hr = H); a sampling rank its share.
     """
-    G = 4 if cell == LSTM else 3 if cell == GRU else 1
+    G = GATES[cell]
     B, j1 = xp.shape[0], j0 + xp.shape[1] // G
     relu = cell == RNN_RELU
     matmul(gh, h_in, w_hh, False, True)
@@ -716,16 +716,26 @@ def barrier(flags, rank, n_ranks, b):
 
 
 @njit(**_JIT)
-def model_step(cell, rparams, roffsets, params, enc_off, dec_off, V, E, j0, ids, p,
-               hs, cs, logits, xp, gates, hn, gh, emb, zero_e, flags, rank, n_ranks, b):
+def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
     """Feed ids [S] (one character per stream) and write next-char logits [S,V]:
     this rank's share of one step, which passes barriers b+1 .. b+L.
 
-    hs, cs [L,2,S,H] (shared by the ranks): per layer, [p] is the state in
-    and [1-p] the state out. params is the model's flat buffer, read for
-    the encoder (at enc_off, -1: one-hot input) and the decoder (dec_off).
+    net = (rparams, roffsets, params): the rank's rows of the weights (see
+        above) and the model's flat buffer, read for the encoder and decoder
+    dims = (enc_off, dec_off, V, E, j0): where the encoder (-1: one-hot
+        input) and the decoder start in params, the vocabulary and embedding
+        sizes, and the rank's first hidden unit
+    state = (hs, cs), each [L,2,S,H] and shared by the ranks: per layer, [p]
+        is the state in and [1-p] the state out
+    scratch = (logits [S,V], xp, gates, gh [S,G*Hr], hn [S,Hr], emb [S,E], zero_e [E])
+    sync = (flags, rank, n_ranks): the barrier
     Returns False if another rank aborted.
     """
+    rparams, roffsets, params = net
+    enc_off, dec_off, V, E, j0 = dims
+    hs, cs = state
+    logits, xp, gates, gh, hn, emb, zero_e = scratch
+    flags, rank, n_ranks = sync
     L, H, GHr = hs.shape[0], hs.shape[3], xp.shape[1]
     q = 1 - p
     for k in range(L):
@@ -797,21 +807,22 @@ def pick_token(logits, probs, temperature, top_k, top_p, u):
 
 
 @njit(**_JIT)
-def generate(cell, rparams, roffsets, params, enc_off, dec_off, V, E, j0, hs, cs, logits,
-             uniforms, temperature, top_k, top_p, out,
-             ids, probs, xp, gates, hn, gh, emb, zero_e, flags, rank, n_ranks):
+def generate(cell, net, dims, state, scratch, sync, rule, uniforms, ids, probs, out):
     """Sample out[n, s] for n < N: draw from logits (the distribution of the
     next character), then feed the drawn characters to get the next logits;
     this rank's share (rank 0 writes ``out``). The loop over characters runs
-    here, not in Python. The state ends in hs[:, N % 2], cs[:, N % 2]."""
+    here, not in Python. ``rule`` = (temperature, top_k, top_p) of
+    pick_token; ``uniforms`` [N,S]; ids [S], probs [S,V] scratch; the other
+    arguments as in model_step. The state ends in hs[:, N % 2], cs[:, N % 2]."""
+    temperature, top_k, top_p = rule
+    logits = scratch[0]
+    rank = sync[1]
+    L = state[0].shape[0]
     N, S = out.shape
-    L = hs.shape[0]
     for n in range(N):
         for s in range(S):
             ids[s] = pick_token(logits[s], probs[s], temperature, top_k, top_p, uniforms[n, s])
             if rank == 0:
                 out[n, s] = ids[s]
-        if not model_step(cell, rparams, roffsets, params, enc_off, dec_off, V, E, j0, ids, n % 2,
-                          hs, cs, logits, xp, gates, hn, gh, emb, zero_e, flags, rank, n_ranks,
-                          n * L):
+        if not model_step(cell, net, dims, state, scratch, sync, ids, n % 2, n * L):
             return

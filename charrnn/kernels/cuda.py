@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, float64
 
-LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3  # cell ids, as in cpu.py
+from .cells import GRU, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
 
 # GEMM tiles are TILE x TILE, one thread per output element. The simulator
 # runs every GPU thread as a Python thread, so there the tiles are small.

@@ -1,0 +1,76 @@
+"""A model's configuration and parameter layout (names, shapes, order in
+the flat buffer), shared by the model and the checkpoint reader, which
+checks a file against the model it declares before reading it."""
+import os
+
+import numpy as np
+
+from .errors import CharrnnError
+from .kernels.cells import CELL_IDS, CELLS, gates
+
+
+def _check_size(name, value, lo, hi=None):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo \
+            or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
+
+
+def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
+                 nonlinearity="tanh"):
+    """The validated configuration of a model (``Model``'s arguments), as
+    ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
+    if cell not in CELLS:
+        raise CharrnnError(f"cell must be one of {', '.join(CELLS)}, not {cell!r}")
+    if (cell, nonlinearity) not in CELL_IDS:
+        raise CharrnnError(f"nonlinearity {nonlinearity!r} is not available for cell {cell!r}")
+    _check_size("vocab_size", vocab_size, 1, 0x110000)  # at most every Unicode code point
+    _check_size("hidden", hidden, 1, 1 << 16)
+    _check_size("layers", layers, 1, 64)
+    embed = 0 if embed is None else embed
+    _check_size("embed", embed, 0, 1 << 16)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise CharrnnError(f"dropout must be in [0, 1), not {dropout!r}")
+    return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
+                embed=int(embed) or None, dropout=float(dropout), nonlinearity=nonlinearity)
+
+
+def param_shapes(config):
+    """Every parameter's PyTorch name and shape, in the order of the flat
+    buffer, for a ``model_config``."""
+    c = config
+    V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"]
+    GH = gates(c["cell"], c["nonlinearity"]) * H
+    shapes = {}
+    if E:
+        shapes["encoder.weight"] = (V, E)
+    for k in range(L):
+        inp = (E or V) if k == 0 else H
+        shapes[f"rnn.weight_ih_l{k}"] = (GH, inp)
+        shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (GH,)
+        shapes[f"rnn.bias_hh_l{k}"] = (GH,)
+    shapes["decoder.weight"] = (V, H)
+    shapes["decoder.bias"] = (V,)
+    return shapes
+
+
+def check_memory(nbytes, what):
+    """A CharrnnError when ``nbytes`` cannot fit in this machine's memory."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every system says
+        return
+    if nbytes > memory:
+        raise CharrnnError(f"{what} needs about {nbytes / 2**30:.1f} GiB, more than this "
+                           f"machine's {memory / 2**30:.1f} GiB")
+
+
+def named_views(shapes, flat):
+    """name -> a view of the flat buffer ``flat`` with that parameter's shape."""
+    views, off = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        views[name] = flat[off:off + size].reshape(shape)
+        off += size
+    return views
