@@ -12,13 +12,15 @@ import time
 
 import numpy as np
 
+from .kernels.cells import gates
+
 DEFAULT_CONFIGS = [("lstm", 128), ("lstm", 256), ("lstm", 512), ("gru", 256)]
 
 
 def gemm_weights(cell, hidden, layers, vocab, embed):
     """Entries of the weight matrices that go through a GEMM for each
     character (a one-hot input projection is a gather and does not)."""
-    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    G = gates(cell)
     n = layers * G * hidden * hidden + (layers - 1) * G * hidden * hidden + vocab * hidden
     return n + (G * hidden * embed if embed else 0)
 
@@ -39,8 +41,9 @@ def _rss_mb():
 
 def measure_charrnn(cfg):
     """Training, single-stream and 64-stream sampling chars/s (worker side)."""
-    from . import Model, Vocab
+    from .data import Vocab
     from .generate import sample
+    from .model import Model
     from .optim import Optimizer
     from .parallel import thread_limit
     V, B, T = cfg["vocab"], cfg["batch"], cfg["seq_len"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .files import atomic_write
 from .data import Vocab
 from .errors import CharrnnError
 from .layout import check_memory, model_config, param_shapes

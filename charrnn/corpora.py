@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from charrnn import paths
-from charrnn.atomic import atomic_write
+from charrnn.files import atomic_write
 from charrnn.errors import CharrnnError
 
 
@@ -40,7 +40,7 @@ _BUILTINS: dict[str, tuple[str, int | None]] = {
     "pystdlib-small": ("the first ~2 MB of pystdlib, whole files only, for quick demos", 2_000_000),
 }
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-_CHUNK = 1 << 20
+_DOWNLOAD_BYTES = 1 << 20
 
 
 # ----------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def registry() -> dict[str, dict]:
 def _sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(_DOWNLOAD_BYTES):
             h.update(chunk)
     return h.hexdigest()
 
@@ -231,7 +231,7 @@ def _download(name: str, entry: Mapping, final: Path, progress: Progress | None,
             progress(0, total)
         while True:
             try:
-                chunk = resp.read(_CHUNK)
+                chunk = resp.read(_DOWNLOAD_BYTES)
             except _NET_ERRORS as e:
                 raise failed(e) from None
             if not chunk:
@@ -270,7 +270,7 @@ def _extract(name: str, entry: Mapping, archive: Path, final: Path) -> None:
                 names = ", ".join(i.filename for i in files[:10])
                 raise CharrnnError(f"archive {archive} has no member {member!r} for {name}; it holds: {names}")
             with zf.open(member) as src, atomic_write(final) as out:
-                while chunk := src.read(_CHUNK):
+                while chunk := src.read(_DOWNLOAD_BYTES):
                     out.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
         raise CharrnnError(f"cannot unpack {archive} for {name}: {e}") from None

@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import CharrnnError
 
-_CHUNK = 1 << 22  # bytes read at a time: bounds the temporary copies of a chunk
+_READ_BYTES = 1 << 22  # bytes read at a time: bounds the temporary copies of a chunk
 
 
 def _id_dtype(size):
@@ -63,7 +63,9 @@ class Vocab:
         return s if isinstance(s, str) else s.decode("latin-1")
 
     # ------------------------------------------------------------ encoding
-    def _lookup(self, codes, skip_unknown=False):
+    def lookup(self, codes, skip_unknown=False):
+        """Ids of an array of code points (or byte values); unknown ones
+        raise a CharrnnError naming them, or are dropped (``skip_unknown``)."""
         lut = self._lut
         if codes.size and codes.max() >= len(lut):
             known = codes < len(lut)
@@ -97,7 +99,7 @@ class Vocab:
             raise CharrnnError("a character vocabulary encodes str, not bytes")
         if self.mode == "bytes" and isinstance(text, str):
             text = text.encode("utf-8")
-        return self._lookup(_codes(text, self.mode), skip_unknown)
+        return self.lookup(_codes(text, self.mode), skip_unknown)
 
     def decode(self, ids):
         """The str (chars mode) or bytes (bytes mode) of a sequence of ids."""
@@ -146,7 +148,7 @@ def _codes(chunk, mode):
 
 def _read_chunks(paths, mode):
     """Yield the concatenated corpus as str (chars) or bytes chunks, reading
-    _CHUNK bytes at a time; an incremental decoder keeps multi-byte
+    _READ_BYTES bytes at a time; an incremental decoder keeps multi-byte
     characters whole across chunk borders."""
     for path in paths:
         path = Path(path)
@@ -155,7 +157,7 @@ def _read_chunks(paths, mode):
             with open(path, "rb") as f:
                 offset = 0
                 while True:
-                    raw = f.read(_CHUNK)
+                    raw = f.read(_READ_BYTES)
                     final = not raw
                     try:
                         chunk = decoder.decode(raw, final) if decoder else raw
@@ -179,7 +181,7 @@ def _count_symbols(paths, mode):
     for path in paths:
         try:
             with open(path, "rb") as f:
-                while raw := f.read(_CHUNK):
+                while raw := f.read(_READ_BYTES):
                     b = np.frombuffer(raw, dtype=np.uint8)
                     total += b.size if mode == "bytes" else int(np.count_nonzero((b & 0xC0) != 0x80))
         except OSError as e:
@@ -197,7 +199,7 @@ def encode_files(paths, vocab):
     ids = np.empty(n, dtype=vocab.dtype)
     pos = 0
     for chunk in _read_chunks(paths, vocab.mode):
-        part = vocab._lookup(_codes(chunk, vocab.mode))
+        part = vocab.lookup(_codes(chunk, vocab.mode))
         ids[pos:pos + part.size] = part
         pos += part.size
     if pos != n:  # the file changed while we read it

@@ -9,7 +9,7 @@ from .errors import CharrnnError
 from .kernels import cpu as K
 from .kernels.cells import gates
 
-CHUNK = 256  # characters per Numba call while streaming
+CHARS_PER_CALL = 256  # characters per Numba call while streaming
 
 
 def _check_sampling(length, temperature, top_k, top_p):
@@ -212,7 +212,7 @@ def generate(model, length, temperature=1.0, prime="", top_k=None, top_p=None, s
         yield [text(s, prime_ids) for s in range(num)]
     left = length
     while left > 0 and not all(done):
-        n = min(CHUNK, left)
+        n = min(CHARS_PER_CALL, left)
         out = streams.sample(n, rng.random((n, num)), temperature, top_k, top_p)
         left -= n
         pieces = []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from . import corpora, parallel
-from .atomic import atomic_write
+from .files import atomic_write
 from .data import Vocab, Windows, encode_files, split
 from .errors import CharrnnError
 from .kernels import backend

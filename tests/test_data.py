@@ -54,7 +54,7 @@ def test_corpus_of_several_files_is_their_concatenation(tmp_path):
 
 
 def test_multibyte_characters_survive_chunk_borders(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_CHUNK", 7)
+    monkeypatch.setattr(data, "_READ_BYTES", 7)
     text = "☃é" * 50 + "abc"
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     v = Vocab.from_files([tmp_path / "t.txt"])

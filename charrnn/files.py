@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file beside the target, fsync, rename."""
+"""Files written whole or not at all: a temp file beside the target, fsync, rename."""
 import contextlib
 import errno
 import os
