@@ -111,6 +111,8 @@ def _train_options(f):
         click.option("--bytes", "bytes_", is_flag=True, help="Byte vocabulary (any file, any encoding)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=D.device, show_default=True),
         click.option("--quiet", is_flag=True, help="Print nothing but errors."),
+        click.option("--plot", is_flag=True,
+                     help="Write curves.png into the run directory at each evaluation (charrnn[plot])."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -233,6 +235,48 @@ def info(checkpoint, as_json):
         bpc = f"{d['best_val_bpc']:.4f}" if d["best_val_bpc"] is not None else "-"
         click.echo(f"training: step {d['step']}, best validation {bpc} bits/char")
     click.echo(f"checkpoint format version {d['format_version']}")
+
+
+# ------------------------------------------------------------ plot / explain
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="curves.png", show_default=True,
+              help="The picture: .png or .svg.")
+@_one_line_errors
+def plot(runs, out):
+    """Training and validation bits/char of RUNS against steps and minutes,
+    overlaid (works on a run that is still training). Needs charrnn[plot]."""
+    from .plot import plot_runs
+    plot_runs(runs, out)
+    click.echo(out)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.option("--text", default=None, help="Explain this text instead of a FILE.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="explain.html", show_default=True,
+              help="The page: one self-contained HTML file.")
+@click.option("--skip-unknown", is_flag=True, help="Skip characters outside the vocabulary.")
+@click.option("--max-chars", type=click.IntRange(min=2), default=20_000, show_default=True,
+              help="Explain at most this many characters (the page says what it left out).")
+@_device_option
+@_one_line_errors
+def explain(checkpoint, file, text, out, skip_unknown, max_chars, device):
+    """A page that shows what the model at CHECKPOINT sees in FILE (or
+    --text): surprisal, its guesses, any neuron, gate saturation and how far
+    back its gradient reaches."""
+    from .explain import page
+    from .generate import read_text
+    if (file is None) == (text is None):
+        raise CharrnnError("give a FILE or --text to explain (one of them)")
+    model = _load(checkpoint, device)
+    title = text[:40] if file is None else str(file)
+    if file is not None:
+        text = read_text(model, file)
+    ex = page(model, text, out, title=title, skip_unknown=skip_unknown, max_chars=max_chars)
+    click.echo(f"{out}: {len(ex.ids):,} characters, {ex.bpc:.3f} bits/char")
 
 
 # ------------------------------------------------------------------- bench

@@ -276,9 +276,9 @@ def beam_search(model, length, prime="", width=8):
     return head + best
 
 
-def score_file(model, path, skip_unknown=False):
-    """``score`` of the file at ``path`` (UTF-8 text for a character model,
-    raw bytes for a bytes model), with its name in any error."""
+def read_text(model, path):
+    """The file at ``path`` as the model reads it: UTF-8 text for a
+    character model, raw bytes for a bytes model."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -286,9 +286,15 @@ def score_file(model, path, skip_unknown=False):
         raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
     if _vocab(model).mode == "chars":
         try:
-            raw = raw.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CharrnnError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+    return raw
+
+
+def score_file(model, path, skip_unknown=False):
+    """``score`` of the file at ``path`` (read_text), with its name in any error."""
+    raw = read_text(model, path)
     try:
         return score(model, raw, skip_unknown)
     except CharrnnError as e:

@@ -2,7 +2,7 @@
 orchestration of the kernels for a forward pass and truncated BPTT."""
 import numpy as np
 
-from . import checkpoint, generate, parallel
+from . import checkpoint, explain, generate, parallel
 from .errors import CharrnnError
 from .kernels import backend
 from .kernels import cpu as K
@@ -129,6 +129,55 @@ class Model:
         logits = self.backend.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
         return np.ascontiguousarray(logits), self._state_out(ws)
 
+    def trace(self, x, state=None):
+        """Inference over ids ``x`` [B,T], keeping what happens inside: a dict
+        of host arrays ``logits`` [B,T,V], ``h`` [B,T,L,H] (each layer's
+        output after each character), ``c`` [B,T,L,H] (LSTM cell states),
+        ``gates`` [B,T,L,G*H] (LSTM i, f, g, o; GRU r, z, n; no RNN entry)
+        and ``state``, the state to carry on. No dropout."""
+        ids = self._ids(x)
+        T, B = ids.shape
+        ws = self._workspace(B, T, 0)
+        self._feed(ws, ids, self._check_state(state, B))
+        self._run_forward(ws, [None] * (self.config["layers"] - 1))
+        get = self.backend.get
+
+        def batch_first(arrays):  # per layer [T,B,X] -> [B,T,L,X]
+            return np.ascontiguousarray(np.stack([get(a) for a in arrays], axis=2).transpose(1, 0, 2, 3))
+        out = {"logits": np.ascontiguousarray(get(ws.logits).reshape(T, B, -1).transpose(1, 0, 2)),
+               "h": batch_first([lay.hs[1:] for lay in ws.layers]), "state": self._state_out(ws)}
+        if self.config["cell"] == "lstm":
+            out["c"] = batch_first([lay.cs[1:] for lay in ws.layers])
+        if self.config["cell"] != "rnn":
+            out["gates"] = batch_first([lay.gates for lay in ws.layers])
+        return out
+
+    def input_gradients(self, x, y, weights, state=None):
+        """The gradient of sum(weights * loss) with respect to each input
+        character, by the model's own BPTT: ids ``x``, targets ``y`` and
+        ``weights`` [B,T] (loss[b,t] is the cross-entropy of y[b,t]); the
+        incoming ``state`` is detached, as in training. Returns [B,T,D], D
+        the embedding size, or V with one-hot input (the gradient with
+        respect to the one-hot vector). No dropout; ``grads`` is untouched."""
+        ids, targets = self._ids(x), self._ids(y, "y")
+        if targets.shape != ids.shape or np.shape(weights) != x.shape:
+            raise CharrnnError("x, y and weights must have the same [batch, time] shape")
+        T, B = ids.shape
+        K, get = self.backend, self.backend.get
+        ws = self._workspace(B, T, 0)
+        self._feed(ws, ids, self._check_state(state, B))
+        K.put(ws.targets, targets.reshape(-1))
+        self._run_forward(ws, [None] * (self.config["layers"] - 1))
+        K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, 1.0)
+        w = np.asarray(weights, self.dtype).T.reshape(-1, 1)  # time-major rows
+        K.put(ws.dlogits, get(ws.dlogits) * w)
+        self._run_backward(ws, ws.grads(self), self._transposed_w_hh())
+        if self.config["embed"]:
+            d = get(ws.demb).reshape(T, B, -1)
+        else:  # layer 0's input projection is W_ih0 x: chain through it
+            d = (get(ws.dxp).reshape(T * B, -1) @ get(self.weights["rnn.weight_ih_l0"])).reshape(T, B, -1)
+        return np.ascontiguousarray(d.transpose(1, 0, 2))
+
     def loss(self, x, y, state=None):
         """Mean cross-entropy (nats) of targets ``y`` given ``x``, both [B,T],
         and the next state. Inference: no dropout, no gradients."""
@@ -224,6 +273,13 @@ class Model:
     def evaluate(self, text):
         """Bits per character of ``text``, the state carried over all of it."""
         return generate.score(self, text)["bpc"]
+
+    def explain(self, text, skip_unknown=False):
+        """The numbers behind ``charrnn explain`` for ``text``: surprisal,
+        top guesses, activations [N, layers, H], gates, their saturation,
+        the gradient's reach and the units worth a look, as NumPy arrays
+        (``charrnn.explain.Explanation``)."""
+        return explain.explain(self, text, skip_unknown)
 
     def save(self, path):
         """Write a checkpoint holding this model and its vocabulary."""

@@ -19,6 +19,7 @@ except ImportError:  # not a POSIX system: no locking
 
 CHECKPOINTS = ("last.ckpt", "best.ckpt")
 RUN_FILES = CHECKPOINTS + ("metrics.jsonl",)  # what makes a directory hold a run
+CURVES = "curves.png"  # train --plot's picture, deleted with the run it shows
 LOCK = ".lock"
 
 
@@ -30,6 +31,7 @@ class RunDir:
         self.last = self.path / "last.ckpt"
         self.best = self.path / "best.ckpt"
         self.metrics = self.path / "metrics.jsonl"
+        self.curves = self.path / CURVES
         self._lock_fd = None
 
     def holds_run(self):
@@ -54,7 +56,7 @@ class RunDir:
                     raise CharrnnError(
                         f"{self.path} already holds a run; continue it with --resume {self.path}, "
                         f"or start afresh with --overwrite (deletes it) or another --out")
-                for name in RUN_FILES:
+                for name in RUN_FILES + (CURVES,):
                     with contextlib.suppress(FileNotFoundError):
                         (self.path / name).unlink()
             self._lock_fd = fd

@@ -21,6 +21,7 @@ from .kernels import backend
 from .model import Model
 from .rundir import RunDir
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
+from .plot import matplotlib_pyplot, plot_runs
 
 LN2 = math.log(2)
 DEFAULT_MINUTES = 10.0
@@ -61,6 +62,7 @@ class TrainConfig:
     bytes: bool = False           # byte vocabulary instead of characters
     device: str = "cpu"
     quiet: bool = False
+    plot: bool = False            # write curves.png into the run directory at each evaluation
 
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
@@ -85,6 +87,8 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
         backend(self.device)  # a GPU asked for but missing: say so before reading data
+        if self.plot:
+            matplotlib_pyplot()  # missing: say so now, not at the first evaluation
         for name in ("steps", "epochs", "minutes"):
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")
@@ -354,6 +358,8 @@ class _Run:
         self._save("last")
         if improved:
             self._save("best")
+        if self.cfg.plot:
+            plot_runs([self.out], self.run_dir.curves)
         self.report.eval(self, row, improved)
         self.mark = (time.perf_counter(), self.progress.step)
 

@@ -41,11 +41,19 @@ def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None
     (inverted dropout, already scaled); None means no dropout.
     """
     B, T = x.shape
-    V, H = params["decoder.weight"].shape
+    V = params["decoder.weight"].shape[0]
     if "encoder.weight" in params:
         inputs = [params["encoder.weight"][x[:, t]] for t in range(T)]
     else:
         inputs = [np.eye(V)[x[:, t]] for t in range(T)]
+    return forward_inputs(params, inputs, cell, layers, nonlinearity, state, masks)
+
+
+def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None, masks=None):
+    """``forward`` from the first layer's input vectors: inputs[t] [B, in]
+    (embedding rows, or one-hot rows)."""
+    B, T = inputs[0].shape[0], len(inputs)
+    H = params["decoder.weight"].shape[1]
     h0 = np.zeros((layers, B, H)) if state is None else state[0]
     c0 = np.zeros((layers, B, H)) if state is None or len(state) < 2 else state[1]
     hs, cs = [], []

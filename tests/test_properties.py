@@ -66,10 +66,12 @@ def _rel(a, b):
 def test_sharded_pass_equals_the_one_shard_pass_for_any_batch_and_thread_count(c):
     losses, grads, states = _train_two_windows(c, c["threads"])
     want_losses, want_grads, want_states = _train_two_windows(c, 1)
-    # float32 in both; only the order of the sums over streams differs
+    # float32 in both; only the order of the sums over streams differs, which
+    # moves a gradient that cancels to near zero (relu, dropout) by ~1e-4 of
+    # its largest entry; the bug this guards against moved them by 0.27-0.72
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     for name in want_grads:
-        assert _rel(grads[name], want_grads[name]) < 1e-4, name
+        assert _rel(grads[name], want_grads[name]) < 1e-3, name
     for got, want in zip(states, want_states):
         assert _rel(got, want) < 1e-5
 
@@ -84,7 +86,7 @@ def test_every_batch_size_and_thread_count_gives_the_one_shard_gradients():
             losses, grads, _ = _train_two_windows(c, threads)
             np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
             for name in want_grads:
-                assert _rel(grads[name], want_grads[name]) < 1e-4, (B, threads, name)
+                assert _rel(grads[name], want_grads[name]) < 1e-3, (B, threads, name)
 
 
 @BUDGET
