@@ -214,6 +214,11 @@ _adam_unit, _rmsprop_unit = _EQ["adam_unit"], _EQ["rmsprop_unit"]
 _adagrad_unit, _sgd_unit = _EQ["adagrad_unit"], _EQ["sgd_unit"]
 
 
+def as_float32(*scalars):
+    """An optimizer's hyper-parameters as its kernels take them: float32."""
+    return tuple(np.float32(x) for x in scalars)
+
+
 def adam_scalars(lr, beta1, beta2, eps, wd, decoupled, step, scale):
     """adam_unit's float32 constants after ``step`` updates (bias
     corrections, decay, clip), worked out in float64 on the host."""
@@ -702,8 +707,7 @@ def _rmsprop_pass(p, g, v, buf, lr, a, e, l2, mu, sc):
 
 def rmsprop_update(p, g, v, buf, lr, alpha, eps, wd, momentum, scale):
     """RMSprop (PyTorch's: eps outside the root; optional momentum)."""
-    f32 = np.float32
-    _rmsprop_pass(p, g, v, buf, f32(lr), f32(alpha), f32(eps), f32(wd), f32(momentum), f32(scale))
+    _rmsprop_pass(p, g, v, buf, *as_float32(lr, alpha, eps, wd, momentum, scale))
 
 
 @njit(**_JIT)
@@ -714,8 +718,7 @@ def _adagrad_pass(p, g, s, lr, e, l2, sc):
 
 def adagrad_update(p, g, s, lr, eps, wd, scale):
     """Adagrad (PyTorch's, without learning-rate decay)."""
-    f32 = np.float32
-    _adagrad_pass(p, g, s, f32(lr), f32(eps), f32(wd), f32(scale))
+    _adagrad_pass(p, g, s, *as_float32(lr, eps, wd, scale))
 
 
 @njit(**_JIT)
@@ -726,8 +729,7 @@ def _sgd_pass(p, g, buf, lr, mu, l2, sc):
 
 def sgd_update(p, g, buf, lr, momentum, wd, scale):
     """SGD with optional (heavy-ball) momentum, PyTorch's convention."""
-    f32 = np.float32
-    _sgd_pass(p, g, buf, f32(lr), f32(momentum), f32(wd), f32(scale))
+    _sgd_pass(p, g, buf, *as_float32(lr, momentum, wd, scale))
 
 
 # ---------------------------------------------------------------- generation

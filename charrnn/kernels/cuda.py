@@ -32,7 +32,7 @@ import numpy as np
 from numba import config, cuda, float32, float64
 
 from .cells import GRU, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
-from .cpu import adam_scalars
+from .cpu import adam_scalars, as_float32
 from .cpu import equations as cpu_equations
 
 # GEMM tiles are TILE x TILE, one thread per output element. The simulator
@@ -467,9 +467,7 @@ def _rmsprop_kernel(p, g, v, buf, lr, a, e, l2, mu, sc):
 
 def rmsprop_update(p, g, v, buf, lr, alpha, eps, wd, momentum, scale):
     """RMSprop (PyTorch's: eps outside the root; optional momentum)."""
-    f32 = np.float32
-    _rmsprop_kernel[_launch(p.shape[0])](p, g, v, buf, f32(lr), f32(alpha), f32(eps),
-                                         f32(wd), f32(momentum), f32(scale))
+    _rmsprop_kernel[_launch(p.shape[0])](p, g, v, buf, *as_float32(lr, alpha, eps, wd, momentum, scale))
 
 
 @cuda.jit
@@ -481,8 +479,7 @@ def _adagrad_kernel(p, g, s, lr, e, l2, sc):
 
 def adagrad_update(p, g, s, lr, eps, wd, scale):
     """Adagrad (PyTorch's, without learning-rate decay)."""
-    f32 = np.float32
-    _adagrad_kernel[_launch(p.shape[0])](p, g, s, f32(lr), f32(eps), f32(wd), f32(scale))
+    _adagrad_kernel[_launch(p.shape[0])](p, g, s, *as_float32(lr, eps, wd, scale))
 
 
 @cuda.jit
@@ -494,8 +491,7 @@ def _sgd_kernel(p, g, buf, lr, mu, l2, sc):
 
 def sgd_update(p, g, buf, lr, momentum, wd, scale):
     """SGD with optional (heavy-ball) momentum, PyTorch's convention."""
-    f32 = np.float32
-    _sgd_kernel[_launch(p.shape[0])](p, g, buf, f32(lr), f32(momentum), f32(wd), f32(scale))
+    _sgd_kernel[_launch(p.shape[0])](p, g, buf, *as_float32(lr, momentum, wd, scale))
 
 
 # ---------------------------------------------------------------- generation
