@@ -7,6 +7,7 @@ import sys
 import click
 
 from . import __version__
+from .distributed import launched_rank
 from .errors import CharrnnError
 
 
@@ -21,7 +22,8 @@ def _one_line_errors(f):
         except CharrnnError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            if launched_rank() == 0:  # under mpiexec every rank stops, rank 0 alone says why
+                click.echo(f"error: {e}", err=True)
             sys.exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
             if debug:
@@ -134,7 +136,7 @@ def train(ctx, corpus, resume, overwrite, **options):
         options = {k: v for k, v in options.items()
                    if ctx.get_parameter_source("bytes_" if k == "bytes" else k) == source}
     model = train_api(list(corpus), resume=resume, overwrite=overwrite, **options)
-    if not options.get("quiet"):
+    if not options.get("quiet") and launched_rank() == 0:
         click.echo("--- a sample from the trained model (temperature 0.8) ---", err=True)
         _write(model.sample(300, temperature=0.8, seed=options.get("seed", 0)) + "\n")
 

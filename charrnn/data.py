@@ -1,10 +1,13 @@
 """Vocabulary, corpus encoding, train/validation split and char-rnn batching."""
 import codecs
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CharrnnError
+from .files import atomic_write
 
 _READ_BYTES = 1 << 22  # bytes read at a time: bounds the temporary copies of a chunk
 
@@ -189,6 +192,12 @@ def _count_symbols(paths, mode):
     return total
 
 
+def _encoded_parts(paths, vocab):
+    """The ids of the concatenation of ``paths``, a chunk at a time."""
+    for chunk in _read_chunks(paths, vocab.mode):
+        yield vocab.lookup(_codes(chunk, vocab.mode))
+
+
 def encode_files(paths, vocab):
     """Ids of the concatenation of ``paths`` under ``vocab``, as one array.
 
@@ -198,13 +207,91 @@ def encode_files(paths, vocab):
     n = _count_symbols(paths, vocab.mode)
     ids = np.empty(n, dtype=vocab.dtype)
     pos = 0
-    for chunk in _read_chunks(paths, vocab.mode):
-        part = vocab.lookup(_codes(chunk, vocab.mode))
+    for part in _encoded_parts(paths, vocab):
+        if pos + part.size > n:
+            break
         ids[pos:pos + part.size] = part
         pos += part.size
     if pos != n:  # the file changed while we read it
         raise CharrnnError("the corpus changed while it was being read")
     return ids
+
+
+CACHE_FROM_BYTES = 16 << 20  # corpora from this size keep their ids in the cache
+
+
+def worth_caching(paths):
+    """Whether a corpus is big enough for the id cache (IdCache)."""
+    return sum(Path(p).stat().st_size for p in paths) >= CACHE_FROM_BYTES
+
+
+def content_key(paths, mode):
+    """A digest of the corpus files' bytes and the vocabulary mode: the name
+    of its cached ids (blake2b, about a second per GB)."""
+    h = hashlib.blake2b(mode.encode("ascii"), digest_size=16)
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while raw := f.read(_READ_BYTES):
+                    h.update(raw)
+        except OSError as e:
+            raise CharrnnError(f"cannot read {path}: {e.strerror or e}") from None
+        h.update(b"\0")  # a file boundary
+    return h.hexdigest()
+
+
+class IdCache:
+    """Encoded corpora kept as ``.npy`` files in a directory, keyed by the
+    corpus's content and the vocabulary, and read back as read-only memory
+    maps: MPI ranks and resumed runs share one copy (the page cache's)
+    instead of each encoding the corpus and holding its own, and a process
+    only touches the pages of the streams it reads."""
+
+    def __init__(self, directory, paths, mode):
+        self.dir, self.paths, self.mode = Path(directory), paths, mode
+        self.key = content_key(paths, mode)
+
+    def _vocab_path(self):
+        return self.dir / f"{self.key}.vocab.json"
+
+    def _ids_path(self, vocab):
+        codes = hashlib.blake2b(vocab.codes.tobytes(), digest_size=8).hexdigest()
+        return self.dir / f"{self.key}-{codes}.npy"
+
+    def vocab(self):
+        """The corpus's vocabulary: cached, or built (one pass) and cached."""
+        try:
+            return Vocab.from_dict(json.loads(self._vocab_path().read_text(encoding="utf-8")))
+        except (OSError, ValueError, CharrnnError):
+            vocab = Vocab.from_files(self.paths, self.mode)
+            with atomic_write(self._vocab_path()) as f:
+                f.write(json.dumps(vocab.to_dict()).encode("utf-8"))
+            return vocab
+
+    def build(self, vocab):
+        """Encode the corpus into the cache, unless it is there already;
+        written a chunk at a time, never whole in memory."""
+        path = self._ids_path(vocab)
+        if path.exists():
+            return
+        n = _count_symbols(self.paths, vocab.mode)
+        with atomic_write(path) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(vocab.dtype), "fortran_order": False,
+                    "shape": (n,)})
+            written = 0
+            for part in _encoded_parts(self.paths, vocab):
+                f.write(part.tobytes())
+                written += part.size
+            if written != n:
+                raise CharrnnError("the corpus changed while it was being read")
+
+    def ids(self, vocab):
+        """The cached ids, a read-only memory map."""
+        try:
+            return np.load(self._ids_path(vocab), mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise CharrnnError(f"cannot read the cached corpus {self._ids_path(vocab)}: {e}") from None
 
 
 def split(ids, val_frac):

@@ -181,7 +181,7 @@ class Model:
     def loss(self, x, y, state=None):
         """Mean cross-entropy (nats) of targets ``y`` given ``x``, both [B,T],
         and the next state. Inference: no dropout, no gradients."""
-        total, state = self._pass(x, y, state, train=False)
+        total, state = self.window(x, y, state)
         return total / np.size(x), state
 
     def loss_and_grads(self, x, y, state=None):
@@ -199,14 +199,20 @@ class Model:
     def train_pass(self, x, y, state=None):
         """loss_and_grads without handing out the gradients: they stay in
         ``self.grads`` (on the device, for a GPU model) for the optimizer."""
-        total, state = self._pass(x, y, state, train=True)
+        total, state = self.window(x, y, state, train=True)
         return total / np.size(x), state
 
-    def _pass(self, x, y, state, train):
-        """Summed cross-entropy of a window and the next state; with ``train``
-        (dropout on) the gradients of the mean land in ``self.grads``.
+    def window(self, x, y, state=None, train=False, part=None):
+        """The summed cross-entropy of a window's targets ``y`` given ``x``
+        (both [B,T]) and the next state; with ``train`` (dropout on) the
+        gradients of the batch's mean loss land in ``self.grads``.
 
-        On the CPU the batch is cut into shards of streams, one per thread
+        ``part`` = (first, batch): these B streams are streams first ..
+        first+B-1 of a batch of ``batch`` (the others on other MPI ranks):
+        the gradients are then those of the whole batch's mean, and dropout
+        uses the masks the whole batch draws, sliced to these streams.
+
+        On the CPU the streams are cut into shards, one per thread
         (parallel.shard_cuts), each run by its own thread with a one-thread
         BLAS, and the shards' gradients summed in a fixed order.
         """
@@ -214,12 +220,16 @@ class Model:
         if targets.shape != ids.shape:
             raise CharrnnError(f"y has shape {targets.shape[::-1]}, x has {ids.shape[::-1]}")
         T, B = ids.shape
+        first, batch = part or (0, B)
+        if not 0 <= first <= first + B <= batch:
+            raise CharrnnError(f"streams {first}..{first + B - 1} are not part of a batch of {batch}")
         state = self._check_state(state, B)
         drop = train and self.config["dropout"] > 0
-        # every mask drawn here, in layer order, so that shards change nothing
-        masks = [self._dropout_mask((T, B, self.config["hidden"])) if drop else None
-                 for _ in range(self.config["layers"] - 1)]
-        scale = 1.0 / (B * T) if train else 0.0
+        # every mask drawn here, for the whole batch and in layer order, so
+        # that neither threads nor ranks change them
+        masks = [self._dropout_mask((T, batch, self.config["hidden"]))[:, first:first + B] if drop
+                 else None for _ in range(self.config["layers"] - 1)]
+        scale = 1.0 / (batch * T) if train else 0.0
         w_hh_t = self._transposed_w_hh() if train else None  # BPTT reads W_hh transposed
         cuts = parallel.shard_cuts(B, None if self.device == "cpu" else 1)
         jobs = []

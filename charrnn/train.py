@@ -11,14 +11,17 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 from . import checkpoint as ckpt_io
-from . import corpora, parallel
+from . import corpora, distributed, parallel
 from .files import atomic_write
-from .data import Vocab, Windows, encode_files, split
+from .data import IdCache, Vocab, Windows, encode_files, split, worth_caching
 from .errors import CharrnnError
 from .kernels import backend
 from .model import Model
+from .paths import cache_dir
 from .rundir import RunDir
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, Schedule
 from .plot import matplotlib_pyplot, plot_runs
@@ -152,18 +155,59 @@ def train(corpus, resume=None, overwrite=False, **options):
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise CharrnnError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    world = distributed.world()
     source = ckpt_io.resolve(resume, prefer="last") if resume is not None else None
     run_dir = RunDir(options.get("out", source.parent if source else TrainConfig.out))
     resuming_here = source is not None and source.parent.resolve() == run_dir.path.resolve()
     if overwrite and resuming_here:
         raise CharrnnError("--overwrite deletes the run that --resume continues: give one of them")
-    with run_dir.claim(resuming=resuming_here, overwrite=overwrite):
+    with _claimed(run_dir, world, resuming_here, overwrite):
         saved = ckpt_io.load(source, training=True) if source is not None else None
         cfg = _config({**options, "out": str(run_dir.path)}, saved)
+        if world.size > 1:
+            _check_ranks(cfg, run_dir, world)
         paths = [p for spec in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)
                  for p in corpora.resolve(str(spec))]
         with parallel.thread_limit(cfg.threads):
-            return _Run(cfg, paths, saved, run_dir).loop()
+            return _Run(cfg, paths, saved, run_dir, world).loop()
+
+
+@contextlib.contextmanager
+def _claimed(run_dir, world, resuming, overwrite):
+    """Rank 0 (the only process without MPI) owns the run directory for the
+    block; every rank learns whether it could, and stops with it if not."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if world.rank == 0:
+            try:
+                stack.enter_context(run_dir.claim(resuming=resuming, overwrite=overwrite))
+            except CharrnnError as e:
+                problem = str(e)
+        world.agree(problem)
+        yield
+
+
+def _check_ranks(cfg, run_dir, world):
+    """Under mpiexec: every rank has the same options and a stream of its
+    own, on the CPU, and sees the run directory rank 0 writes (one shared
+    file system, else checkpoints could not be resumed from any host)."""
+    world.agree(None if cfg.batch >= world.size else
+                f"--batch {cfg.batch} has fewer streams than the {world.size} ranks")
+    world.agree(None if cfg.device == "cpu" else "training over MPI runs on the CPU (--device cpu)")
+    world.same_everywhere("options", json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    token = world.broadcast(os.urandom(8).hex())
+    probe = run_dir.path / ".ranks"
+    if world.rank == 0:
+        with atomic_write(probe) as f:
+            f.write(token.encode("ascii"))
+    world.agree(None)  # rank 0 has written it
+    try:
+        seen = probe.read_text(encoding="ascii")
+    except OSError:
+        seen = None
+    world.agree(None if seen == token else
+                f"cannot see the run directory {run_dir.path} that rank 0 writes: it must be on "
+                f"a file system every host shares")
 
 
 def _config(options, saved):
@@ -187,12 +231,19 @@ def _config(options, saved):
     return cfg
 
 
-def validation_loss(model, windows):
-    """Mean loss (nats/char) over all windows, state carried, no updates."""
-    state, total = None, 0.0
+def validation_loss(model, windows, world=distributed.SINGLE, streams=slice(None), part=None):
+    """Mean loss (nats/char) over all windows, state carried, no updates.
+    Under MPI each rank scores its ``streams`` (``part`` of the batch) and
+    one collective sums the windows' totals."""
+    state, totals = None, np.zeros(len(windows))
     for k in range(len(windows)):
-        loss, state = model.loss(*windows[k], state)
-        total += loss
+        x, y = windows[k]
+        totals[k], state = model.window(x[streams], y[streams], state, part=part)
+    world.sum_into(totals)
+    chars = windows[0][0].size
+    total = 0.0
+    for t in totals:
+        total += t / chars
     return total / len(windows)
 
 
@@ -222,12 +273,17 @@ class _Stop:
 
 
 class _Run:
-    def __init__(self, cfg, paths, saved, run_dir):
+    def __init__(self, cfg, paths, saved, run_dir, world):
         self.cfg, self.paths, self.run_dir, self.out = cfg, paths, run_dir, run_dir.path
-        vocab = saved.vocab if saved else Vocab.from_files(paths, "bytes" if cfg.bytes else "chars")
+        self.world, self.lead = world, world.rank == 0  # the lead rank prints and writes
+        cuts = parallel.shard_cuts(cfg.batch, world.size)  # this rank's streams of the batch
+        self.streams = slice(cuts[world.rank], cuts[world.rank + 1])
+        self.part = (self.streams.start, cfg.batch)
         try:
-            ids = encode_files(paths, vocab)
+            vocab, ids = self._corpus(saved.vocab if saved else None)
         except CharrnnError as e:
+            if saved is None:
+                raise
             raise CharrnnError(f"the corpus does not fit the resumed run's vocabulary: {e}") from None
         if saved and ids.size != Progress.from_dict(saved.meta.get("progress")).corpus_chars:
             raise CharrnnError(f"the corpus has {ids.size} characters, the resumed run was trained on "
@@ -258,13 +314,38 @@ class _Run:
             Progress(corpus_chars=self.corpus_chars)
         self.elapsed0 = self.progress.elapsed_s
         self.metrics = saved.meta.get("metrics", []) if saved else []
-        self.state = (saved.state or None) if saved else None
+        self.state = tuple(a[:, self.streams] for a in saved.state) or None if saved else None
         self.lr = self.schedule.get_lr(self.progress.step)
         if saved:
             self.opt.load_state_dict(saved.optim)
             self.model.rng_state = self.progress.rng
-        self.report = _Reporter(cfg.quiet, self.max_steps, cfg.minutes)
-        self._write_metrics_file()
+        self.report = _Reporter(cfg.quiet or not self.lead, self.max_steps, cfg.minutes)
+        if self.lead:
+            self._write_metrics_file()
+
+    def _corpus(self, vocab):
+        """(vocab, ids) of the corpus: ``vocab`` if given (a resume), else the
+        corpus's own. A big corpus, or any under MPI, goes through the id
+        cache (data.IdCache): encoded once, by rank 0 first, then memory
+        mapped by every rank; a small one is encoded in memory."""
+        mode = "bytes" if self.cfg.bytes else "chars"
+        world = self.world
+        if world.size == 1 and not worth_caching(self.paths):
+            vocab = vocab or Vocab.from_files(self.paths, mode)
+            return vocab, encode_files(self.paths, vocab)
+        cache = IdCache(cache_dir() / "ids", self.paths, mode)
+        world.same_everywhere("corpora", cache.key.encode("ascii"))
+        problem = None
+        if world.rank == 0:
+            try:
+                vocab = vocab or cache.vocab()
+                cache.build(vocab)
+            except CharrnnError as e:
+                problem = str(e)
+        world.agree(problem)
+        vocab = vocab or cache.vocab()
+        cache.build(vocab)  # a host that does not share rank 0's cache directory builds its own
+        return vocab, cache.ids(vocab)
 
     def _windows(self, ids, which):
         cfg = self.cfg
@@ -285,17 +366,26 @@ class _Run:
         self.mark = (self.t0, self.progress.step)
         self.report.start(self)
         with _Stop() as stop:
-            while not self._budget_spent():
-                if stop.signum is not None:
+            while True:
+                # every rank stops at the same step: when any is signalled or out of budget
+                interrupted, terminated, spent = self.world.sum(
+                    stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM, self._budget_spent())
+                if interrupted or terminated:
                     self._save("last")
-                    code = 128 + stop.signum
+                    code = 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
                     raise TrainingStopped(
                         f"interrupted at step {self.progress.step}; continue with: charrnn train "
                         f"{' '.join(map(str, self.paths))} --resume {self.out}", code, self.model)
+                if spent:
+                    break
                 k = self.progress.step % n
                 if k == 0:
                     self.state = None  # a new epoch starts each stream afresh
-                loss, state = self.model.train_pass(*self.train_windows[k], self.state)
+                x, y = self.train_windows[k]
+                total, state = self.model.window(x[self.streams], y[self.streams], self.state,
+                                                 train=True, part=self.part)
+                self.world.sum_into(self.model.grads)  # one collective over the flat buffer
+                loss = self.world.sum(total)[0] / x.size
                 self._check_loss(loss)
                 lr = self.schedule.get_lr(self.progress.step)
                 self.opt.step(lr, cfg.clip)
@@ -337,7 +427,7 @@ class _Run:
         p = self.progress
         now = time.perf_counter()  # the rate covers training, not evaluation
         rate = (p.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
-        val = validation_loss(self.model, self.val_windows)
+        val = validation_loss(self.model, self.val_windows, self.world, self.streams, self.part)
         row = {"step": p.step, "epoch": round(p.step / len(self.train_windows), 4),
                "train_loss": p.loss_sum / p.loss_count if p.loss_count else None,
                "val_loss": val, "val_bpc": val / LN2, "lr": self.lr,
@@ -349,16 +439,17 @@ class _Run:
             p.best_val, p.bad_evals = val, 0
         else:
             p.bad_evals += 1
-        try:
-            with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            raise CharrnnError(f"cannot write {self.run_dir.metrics}: {e.strerror or e}; "
-                               f"the last checkpoint is kept") from None
+        if self.lead:
+            try:
+                with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise CharrnnError(f"cannot write {self.run_dir.metrics}: {e.strerror or e}; "
+                                   f"the last checkpoint is kept") from None
         self._save("last")
         if improved:
             self._save("best")
-        if self.cfg.plot:
+        if self.cfg.plot and self.lead:
             plot_runs([self.out], self.run_dir.curves)
         self.report.eval(self, row, improved)
         self.mark = (time.perf_counter(), self.progress.step)
@@ -371,13 +462,15 @@ class _Run:
 
     def _save(self, name):
         model, cfg = self.model, self.cfg
+        state = self.world.gather_streams(self.state) if self.state else ()  # every rank's streams
+        if not self.lead:
+            return
         progress = dataclasses.replace(self.progress, elapsed_s=self.elapsed(), rng=model.rng_state)
         train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()}
         meta = {"model": model.config, "vocab": model.vocab.to_dict(), "train": train_cfg,
                 "progress": dataclasses.asdict(progress), "metrics": self.metrics}
         ckpt_io.save(self.out / f"{name}{ckpt_io.SUFFIX}",
-                     ckpt_io.Checkpoint(meta, model.state_dict(), self.opt.state_dict(),
-                                        self.state or ()))
+                     ckpt_io.Checkpoint(meta, model.state_dict(), self.opt.state_dict(), state))
 
 
 def _fmt_time(s):

@@ -1,4 +1,6 @@
 """Vocabulary, corpus encoding, split and char-rnn batching."""
+import json
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,44 @@ def test_windows_are_contiguous_streams_with_shifted_targets():
 def test_windows_say_what_fits_when_the_text_is_too_short():
     with pytest.raises(CharrnnError, match="needs at least 51"):
         data.Windows(np.arange(50), batch=5, seq_len=10)
+
+
+def test_the_id_cache_encodes_once_and_maps_the_ids_read_only(tmp_path):
+    (tmp_path / "a.txt").write_text("hello wörld\n" * 50)
+    paths = [tmp_path / "a.txt"]
+    cache = data.IdCache(tmp_path / "cache", paths, "chars")
+    vocab = cache.vocab()
+    assert vocab == Vocab.from_files(paths)
+    cache.build(vocab)
+    ids = cache.ids(vocab)
+    assert isinstance(ids, np.memmap) and not ids.flags.writeable
+    np.testing.assert_array_equal(ids, data.encode_files(paths, vocab))
+    built = sorted((tmp_path / "cache").iterdir())
+    again = data.IdCache(tmp_path / "cache", paths, "chars")  # another rank, or a resume
+    again.build(again.vocab())
+    assert sorted((tmp_path / "cache").iterdir()) == built and [p.stat().st_mtime for p in built] == \
+        [p.stat().st_mtime for p in sorted((tmp_path / "cache").iterdir())]
+
+
+def test_the_id_cache_is_keyed_by_content_and_vocabulary(tmp_path):
+    (tmp_path / "a.txt").write_text("abc" * 10)
+    key = data.IdCache(tmp_path, [tmp_path / "a.txt"], "chars").key
+    assert data.IdCache(tmp_path, [tmp_path / "a.txt"], "bytes").key != key
+    (tmp_path / "a.txt").write_text("abd" * 10)
+    assert data.IdCache(tmp_path, [tmp_path / "a.txt"], "chars").key != key
+
+
+def test_training_on_a_big_corpus_goes_through_the_id_cache(tmp_path, monkeypatch):
+    import charrnn
+    monkeypatch.setenv("CHARRNN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "CACHE_FROM_BYTES", 100)
+    (tmp_path / "c.txt").write_text("to be or not to be, that is the question\n" * 60)
+    opts = dict(hidden=8, layers=1, batch=4, seq_len=8, eval_every=5, quiet=True)
+    charrnn.train(tmp_path / "c.txt", out=tmp_path / "cached", steps=10, **opts)
+    assert len(list((tmp_path / "cache" / "ids").glob("*.npy"))) == 1
+    monkeypatch.setattr(data, "CACHE_FROM_BYTES", 1 << 40)
+    charrnn.train(tmp_path / "c.txt", out=tmp_path / "plain", steps=10, **opts)
+    assert (tmp_path / "cached" / "metrics.jsonl").read_text().count("val_loss") == 2
+    strip = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("chars_per_s", "elapsed_s")}  # noqa: E731
+                         for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert strip("cached") == strip("plain")

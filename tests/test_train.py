@@ -255,3 +255,16 @@ def test_signal_saves_last_and_resume_matches_an_uninterrupted_run(corpus, tmp_p
     r = run_cli("train", corpus, "--out", tmp_path / "whole", "--steps", total, "--quiet", *args)
     assert r.exit_code == 0, r.output
     assert losses(tmp_path / "run") == losses(tmp_path / "whole")
+
+
+def test_a_cold_kernel_cache_gives_the_losses_of_a_warm_one(corpus, tmp_path):
+    """The first run after an install compiles the kernels; later ones load
+    them from the cache. Both must compute the same numbers (IR-inlined
+    closures once made them differ by ~1e-10)."""
+    env = dict(os.environ, CHARRNN_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    for run in ("cold", "warm"):
+        subprocess.run([sys.executable, "-m", "charrnn.cli", "train", str(corpus), "--out",
+                        str(tmp_path / run), "--steps", "10", "--hidden", "16", "--batch", "4",
+                        "--seq-len", "8", "--eval-every", "5", "--dropout", "0.2", "--quiet"],
+                       env=env, check=True, timeout=600)
+    assert losses(tmp_path / "cold") == losses(tmp_path / "warm")

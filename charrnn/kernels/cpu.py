@@ -15,7 +15,6 @@ and its helpers live together.
 import ctypes
 import ctypes.util
 import glob
-import math
 import os
 import sys
 
@@ -35,6 +34,8 @@ _JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # directory that kernels/__init__.py chooses at import.
 _INLINED = {k: v for k, v in _JIT.items() if k != "cache"}
 
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
 
 
 def tanh(x):
@@ -76,157 +77,10 @@ def _tanh_f32(x):
     return x * p / q
 
 
-# ------------------------------------------------- the equations, written once
-# Each equation of the README lives here once, as a scalar function of one
-# hidden unit (of one parameter, for the optimizers), and ``equations``
-# compiles the set for a target: just below with njit and the vectorisable
-# tanh, in cuda.py with cuda.jit(device=True) and math.tanh. The kernels of
-# both backends loop (or run a GPU thread) per unit and call these. They live
-# in this module because Numba's cache does not notice edits to another
-# module; the CUDA kernels are compiled afresh in each process.
-
-def equations(jit, tanh):
-    """The cell, loss and optimizer equations, compiled by ``jit`` around
-    ``tanh``, as a dict of name -> function (the names bound below)."""
-    one, half, zero = np.float32(1.0), np.float32(0.5), np.float32(0.0)
-
-    @jit
-    def sigmoid(x):
-        # through tanh: it vectorises on the CPU, and exp cannot overflow
-        return half * tanh(half * x) + half
-
-    @jit
-    def lstm_unit(ai, af, ag, ao, c_prev):
-        """i, f, o = sigmoid, g = tanh of their pre-activations;
-        c = f*c_prev + i*g;  h = o*tanh(c).  Returns (i, f, g, o, c, h)."""
-        i, f, g, o = sigmoid(ai), sigmoid(af), tanh(ag), sigmoid(ao)
-        c = f * c_prev + i * g
-        return i, f, g, o, c, o * tanh(c)
-
-    @jit
-    def lstm_unit_backward(dh, dc, i, f, g, o, c_prev, c):
-        """Gradients of the four pre-activations and dL/dc_prev, from dh
-        and dc (dL/dc carried from step t+1)."""
-        tc = tanh(c)
-        dc = dc + dh * o * (one - tc * tc)
-        return (dc * g * i * (one - i), dc * c_prev * f * (one - f), dc * i * (one - g * g),
-                dh * tc * o * (one - o), dc * f)
-
-    @jit
-    def gru_unit(ar, az, xn, hn, h_prev):
-        """r, z = sigmoid;  n = tanh(x_n + r*hn) with hn = W_hn h + b_hn;
-        h = (1-z)*n + z*h_prev.  Returns (r, z, n, h)."""
-        r, z = sigmoid(ar), sigmoid(az)
-        n = tanh(xn + r * hn)
-        return r, z, n, (one - z) * n + z * h_prev
-
-    @jit
-    def gru_unit_backward(dh, r, z, n, hn, h_prev):
-        """Gradients of the r, z and n pre-activations, of W_hn h + b_hn
-        (r multiplies it), and of h_prev along z*dh."""
-        dn = dh * (one - z) * (one - n * n)
-        return dn * hn * r * (one - r), dh * (h_prev - n) * z * (one - z), dn, dn * r, dh * z
-
-    @jit
-    def rnn_unit(a, relu):
-        """h = tanh(a) or relu(a)."""
-        if relu:
-            return a if a > zero else zero
-        return tanh(a)
-
-    @jit
-    def rnn_unit_backward(dh, h, relu):
-        if relu:
-            return dh if h > zero else zero
-        return dh * (one - h * h)
-
-    @jit
-    def cross_entropy_row(d, row, target, scale):
-        """-log softmax(row)[target], summed in float64, and its gradient
-        d = scale * (softmax(row) - onehot(target)), fused."""
-        V = row.shape[0]
-        m = row[0]
-        for v in range(1, V):
-            m = max(m, row[v])
-        s = 0.0
-        for v in range(V):
-            e = math.exp(row[v] - m)
-            d[v] = e
-            s += e
-        inv = scale / s
-        for v in range(V):
-            d[v] *= inv
-        d[target] -= scale
-        return math.log(s) + m - row[target]
-
-    # The optimizers, per parameter: ``sc`` folds the global-norm clip into
-    # the gradient; ``l2`` is L2 weight decay added to it (PyTorch's
-    # weight_decay); AdamW instead shrinks the weight by ``shrink``.
-    @jit
-    def adam_unit(p, g, m, v, step_size, inv_sqrt_bc2, b1, b2, e, shrink, l2, sc):
-        """Adam / AdamW (PyTorch's, bias-corrected). Returns (p, m, v)."""
-        gk = g * sc + l2 * p
-        m = b1 * m + (one - b1) * gk
-        v = b2 * v + (one - b2) * gk * gk
-        return p * shrink - step_size * m / (math.sqrt(v) * inv_sqrt_bc2 + e), m, v
-
-    @jit
-    def rmsprop_unit(p, g, v, buf, lr, a, e, l2, mu, sc):
-        """RMSprop (PyTorch's: eps outside the root; momentum if mu > 0).
-        Returns (p, v, buf)."""
-        gk = g * sc + l2 * p
-        v = a * v + (one - a) * gk * gk
-        u = gk / (math.sqrt(v) + e)
-        if mu > zero:
-            buf = mu * buf + u
-            u = buf
-        return p - lr * u, v, buf
-
-    @jit
-    def adagrad_unit(p, g, s, lr, e, l2, sc):
-        """Adagrad (PyTorch's, without learning-rate decay). Returns (p, s)."""
-        gk = g * sc + l2 * p
-        s = s + gk * gk
-        return p - lr * gk / (math.sqrt(s) + e), s
-
-    @jit
-    def sgd_unit(p, g, buf, lr, mu, l2, sc):
-        """SGD, heavy-ball momentum if mu > 0 (PyTorch's). Returns (p, buf)."""
-        gk = g * sc + l2 * p
-        if mu > zero:
-            buf = mu * buf + gk
-            gk = buf
-        return p - lr * gk, buf
-
-    return dict(sigmoid=sigmoid, lstm_unit=lstm_unit, lstm_unit_backward=lstm_unit_backward,
-                gru_unit=gru_unit, gru_unit_backward=gru_unit_backward, rnn_unit=rnn_unit,
-                rnn_unit_backward=rnn_unit_backward, cross_entropy_row=cross_entropy_row,
-                adam_unit=adam_unit, rmsprop_unit=rmsprop_unit, adagrad_unit=adagrad_unit,
-                sgd_unit=sgd_unit)
-
-
-_EQ = equations(njit(inline="always", **_INLINED), tanh)
-_lstm_unit, _lstm_unit_backward = _EQ["lstm_unit"], _EQ["lstm_unit_backward"]
-_gru_unit, _gru_unit_backward = _EQ["gru_unit"], _EQ["gru_unit_backward"]
-_rnn_unit, _rnn_unit_backward = _EQ["rnn_unit"], _EQ["rnn_unit_backward"]
-_cross_entropy_row = _EQ["cross_entropy_row"]
-_adam_unit, _rmsprop_unit = _EQ["adam_unit"], _EQ["rmsprop_unit"]
-_adagrad_unit, _sgd_unit = _EQ["adagrad_unit"], _EQ["sgd_unit"]
-
-
-def as_float32(*scalars):
-    """An optimizer's hyper-parameters as its kernels take them: float32."""
-    return tuple(np.float32(x) for x in scalars)
-
-
-def adam_scalars(lr, beta1, beta2, eps, wd, decoupled, step, scale):
-    """adam_unit's float32 constants after ``step`` updates (bias
-    corrections, decay, clip), worked out in float64 on the host."""
-    f32 = np.float32
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    return (f32(lr / bc1), f32(1.0 / math.sqrt(bc2)), f32(beta1), f32(beta2), f32(eps),
-            f32(1.0 - lr * wd) if decoupled else f32(1.0), f32(0.0 if decoupled else wd),
-            f32(scale))
+@njit(**_JIT)
+def _sigmoid(x):
+    # through tanh, so that it vectorises too
+    return _HALF * tanh(_HALF * x) + _HALF
 
 
 # --------------------------------------------------------------------- BLAS
@@ -499,22 +353,24 @@ def apply_dropout(out, x, mask):
 
 # ------------------------------------------------------ cell equations (rows)
 # One row = one batch element at one time step. xp: input projection
-# (x W_ih^T + b_ih), gh: recurrent projection (h W_hh^T), both [G*H]. Each
-# function applies its unit's equation (above) to every unit of the row.
+# (x W_ih^T + b_ih), gh: recurrent projection (h W_hh^T), both [G*H].
 
 @njit(**_JIT)
 def lstm_cell_forward(xp, gh, b_hh, c_prev, gates, c, h):
-    """lstm_unit for every unit; gates [4H] keeps i, f, g, o for backward."""
+    """i,f,o = sigmoid, g = tanh;  c = f*c_prev + i*g;  h = o*tanh(c)"""
     H = c.shape[0]
     for j in range(H):
-        i, f, g, o, c[j], h[j] = _lstm_unit(
-            xp[j] + gh[j] + b_hh[j], xp[H + j] + gh[H + j] + b_hh[H + j],
-            xp[2 * H + j] + gh[2 * H + j] + b_hh[2 * H + j],
-            xp[3 * H + j] + gh[3 * H + j] + b_hh[3 * H + j], c_prev[j])
+        i = _sigmoid(xp[j] + gh[j] + b_hh[j])
+        f = _sigmoid(xp[H + j] + gh[H + j] + b_hh[H + j])
+        g = tanh(xp[2 * H + j] + gh[2 * H + j] + b_hh[2 * H + j])
+        o = _sigmoid(xp[3 * H + j] + gh[3 * H + j] + b_hh[3 * H + j])
+        cj = f * c_prev[j] + i * g
         gates[j] = i
         gates[H + j] = f
         gates[2 * H + j] = g
         gates[3 * H + j] = o
+        c[j] = cj
+        h[j] = o * tanh(cj)
 
 
 @njit(**_JIT)
@@ -522,24 +378,34 @@ def lstm_cell_backward(dh_out, dh_rec, gates, c_prev, c, dc, dxp):
     """dc carries dL/dc from step t+1 in and dL/dc_prev out."""
     H = c.shape[0]
     for j in range(H):
-        dxp[j], dxp[H + j], dxp[2 * H + j], dxp[3 * H + j], dc[j] = _lstm_unit_backward(
-            dh_out[j] + dh_rec[j], dc[j], gates[j], gates[H + j], gates[2 * H + j],
-            gates[3 * H + j], c_prev[j], c[j])
+        dh = dh_out[j] + dh_rec[j]
+        i = gates[j]
+        f = gates[H + j]
+        g = gates[2 * H + j]
+        o = gates[3 * H + j]
+        tc = tanh(c[j])
+        dcj = dc[j] + dh * o * (_ONE - tc * tc)
+        dxp[j] = dcj * g * i * (_ONE - i)
+        dxp[H + j] = dcj * c_prev[j] * f * (_ONE - f)
+        dxp[2 * H + j] = dcj * i * (_ONE - g * g)
+        dxp[3 * H + j] = dh * tc * o * (_ONE - o)
+        dc[j] = dcj * f
 
 
 @njit(**_JIT)
 def gru_cell_forward(xp, gh, b_hh, h_prev, gates, hn, h):
-    """gru_unit for every unit; gates [3H] keeps r, z, n and hn the
-    recurrent part of n's pre-activation, for backward."""
+    """r,z = sigmoid;  n = tanh(x_n + r*(W_hn h + b_hn));  h = (1-z)*n + z*h_prev"""
     H = h.shape[0]
     for j in range(H):
+        r = _sigmoid(xp[j] + gh[j] + b_hh[j])
+        z = _sigmoid(xp[H + j] + gh[H + j] + b_hh[H + j])
         hnj = gh[2 * H + j] + b_hh[2 * H + j]
-        r, z, n, h[j] = _gru_unit(xp[j] + gh[j] + b_hh[j], xp[H + j] + gh[H + j] + b_hh[H + j],
-                                  xp[2 * H + j], hnj, h_prev[j])
+        n = tanh(xp[2 * H + j] + r * hnj)
         gates[j] = r
         gates[H + j] = z
         gates[2 * H + j] = n
         hn[j] = hnj
+        h[j] = (_ONE - z) * n + z * h_prev[j]
 
 
 @njit(**_JIT)
@@ -549,28 +415,41 @@ def gru_cell_backward(dh_out, dh_rec, gates, hn, h_prev, dh_z, dxp, dgh):
     n block, because r multiplies W_hn h + b_hn."""
     H = h_prev.shape[0]
     for j in range(H):
-        dr, dz, dn, dgh_n, dh_z[j] = _gru_unit_backward(
-            dh_out[j] + dh_rec[j] + dh_z[j], gates[j], gates[H + j], gates[2 * H + j],
-            hn[j], h_prev[j])
+        dh = dh_out[j] + dh_rec[j] + dh_z[j]
+        r = gates[j]
+        z = gates[H + j]
+        n = gates[2 * H + j]
+        dn = dh * (_ONE - z) * (_ONE - n * n)
+        dr = dn * hn[j] * r * (_ONE - r)
+        dz = dh * (h_prev[j] - n) * z * (_ONE - z)
         dxp[j] = dr
         dxp[H + j] = dz
         dxp[2 * H + j] = dn
         dgh[j] = dr
         dgh[H + j] = dz
-        dgh[2 * H + j] = dgh_n
+        dgh[2 * H + j] = dn * r
+        dh_z[j] = dh * z
 
 
 @njit(**_JIT)
 def rnn_cell_forward(xp, gh, b_hh, relu, h):
-    """rnn_unit for every unit."""
+    """h = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)  (or relu)"""
     for j in range(h.shape[0]):
-        h[j] = _rnn_unit(xp[j] + gh[j] + b_hh[j], relu)
+        a = xp[j] + gh[j] + b_hh[j]
+        if relu:
+            h[j] = a if a > 0 else 0
+        else:
+            h[j] = tanh(a)
 
 
 @njit(**_JIT)
 def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
     for j in range(h.shape[0]):
-        dxp[j] = _rnn_unit_backward(dh_out[j] + dh_rec[j], h[j], relu)
+        dh = dh_out[j] + dh_rec[j]
+        if relu:
+            dxp[j] = dh if h[j] > 0 else 0
+        else:
+            dxp[j] = dh * (_ONE - h[j] * h[j])
 
 
 # ------------------------------------------------------- time loops (layers)
@@ -663,20 +542,37 @@ def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
 
 @njit(**_JIT)
 def softmax_cross_entropy(dlogits, logits, targets, scale):
-    """Fused softmax + cross-entropy + gradient (cross_entropy_row per row).
+    """Fused softmax + cross-entropy + gradient.
 
     Returns sum_n -log softmax(logits[n])[targets[n]] (accumulated in float64)
     and writes dlogits = scale * (softmax(logits) - onehot(targets)).
     """
     total = 0.0
+    V = logits.shape[1]
     for n in range(logits.shape[0]):
-        total += _cross_entropy_row(dlogits[n], logits[n], targets[n], scale)
+        row = logits[n]
+        d = dlogits[n]
+        m = row[0]
+        for v in range(1, V):
+            m = max(m, row[v])
+        s = 0.0
+        for v in range(V):
+            e = np.exp(row[v] - m)
+            d[v] = e
+            s += e
+        total += np.log(s) + m - row[targets[n]]
+        inv = scale / s
+        for v in range(V):
+            d[v] *= inv
+        d[targets[n]] -= scale
     return total
 
 
 # ---------------------------------------------------------------- optimizers
-# One fused pass over the flat parameter buffer each, applying the
-# optimizer's equation (above) to every parameter.
+# One fused pass over the flat parameter buffer each. ``scale`` folds the
+# global-norm gradient clip into the update; ``wd`` is L2 weight decay added
+# to the gradient (PyTorch's ``weight_decay``), except in AdamW where it
+# shrinks the weights directly (decoupled).
 
 @njit(**_JIT)
 def squared_norm(g):
@@ -688,48 +584,58 @@ def squared_norm(g):
 
 
 @njit(**_JIT)
-def _adam_pass(p, g, m, v, step_size, inv_sqrt_bc2, b1, b2, e, shrink, l2, sc):
-    for k in range(p.shape[0]):
-        p[k], m[k], v[k] = _adam_unit(p[k], g[k], m[k], v[k], step_size, inv_sqrt_bc2,
-                                      b1, b2, e, shrink, l2, sc)
-
-
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, wd, decoupled, step, scale):
     """Adam / AdamW (PyTorch's formulation, bias-corrected)."""
-    _adam_pass(p, g, m, v, *adam_scalars(lr, beta1, beta2, eps, wd, decoupled, step, scale))
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    step_size = np.float32(lr / bc1)
+    inv_sqrt_bc2 = np.float32(1.0 / np.sqrt(bc2))
+    b1, b2, e = np.float32(beta1), np.float32(beta2), np.float32(eps)
+    shrink = np.float32(1.0 - lr * wd) if decoupled else _ONE
+    l2 = np.float32(0.0 if decoupled else wd)
+    sc = np.float32(scale)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        m[k] = b1 * m[k] + (_ONE - b1) * gk
+        v[k] = b2 * v[k] + (_ONE - b2) * gk * gk
+        p[k] = p[k] * shrink - step_size * m[k] / (np.sqrt(v[k]) * inv_sqrt_bc2 + e)
 
 
 @njit(**_JIT)
-def _rmsprop_pass(p, g, v, buf, lr, a, e, l2, mu, sc):
-    for k in range(p.shape[0]):
-        p[k], v[k], buf[k] = _rmsprop_unit(p[k], g[k], v[k], buf[k], lr, a, e, l2, mu, sc)
-
-
 def rmsprop_update(p, g, v, buf, lr, alpha, eps, wd, momentum, scale):
     """RMSprop (PyTorch's: eps outside the root; optional momentum)."""
-    _rmsprop_pass(p, g, v, buf, *as_float32(lr, alpha, eps, wd, momentum, scale))
+    a, e, mu, l2 = np.float32(alpha), np.float32(eps), np.float32(momentum), np.float32(wd)
+    sc, lr32 = np.float32(scale), np.float32(lr)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        v[k] = a * v[k] + (_ONE - a) * gk * gk
+        u = gk / (np.sqrt(v[k]) + e)
+        if momentum > 0:
+            buf[k] = mu * buf[k] + u
+            u = buf[k]
+        p[k] -= lr32 * u
 
 
 @njit(**_JIT)
-def _adagrad_pass(p, g, s, lr, e, l2, sc):
-    for k in range(p.shape[0]):
-        p[k], s[k] = _adagrad_unit(p[k], g[k], s[k], lr, e, l2, sc)
-
-
 def adagrad_update(p, g, s, lr, eps, wd, scale):
     """Adagrad (PyTorch's, without learning-rate decay)."""
-    _adagrad_pass(p, g, s, *as_float32(lr, eps, wd, scale))
+    e, l2, sc, lr32 = np.float32(eps), np.float32(wd), np.float32(scale), np.float32(lr)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        s[k] += gk * gk
+        p[k] -= lr32 * gk / (np.sqrt(s[k]) + e)
 
 
 @njit(**_JIT)
-def _sgd_pass(p, g, buf, lr, mu, l2, sc):
-    for k in range(p.shape[0]):
-        p[k], buf[k] = _sgd_unit(p[k], g[k], buf[k], lr, mu, l2, sc)
-
-
 def sgd_update(p, g, buf, lr, momentum, wd, scale):
     """SGD with optional (heavy-ball) momentum, PyTorch's convention."""
-    _sgd_pass(p, g, buf, *as_float32(lr, momentum, wd, scale))
+    mu, l2, sc, lr32 = np.float32(momentum), np.float32(wd), np.float32(scale), np.float32(lr)
+    for k in range(p.shape[0]):
+        gk = g[k] * sc + l2 * p[k]
+        if momentum > 0:
+            buf[k] = mu * buf[k] + gk
+            gk = buf[k]
+        p[k] -= lr32 * gk
 
 
 # ---------------------------------------------------------------- generation

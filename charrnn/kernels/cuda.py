@@ -13,10 +13,6 @@ What differs from the CPU side, and why:
   ``np.dot`` inside ``cuda.jit`` code.
 - The loop over time stays in Python: per step one GEMM launch and one fused
   gate kernel with a thread per ``(b, j)``.
-- The equations themselves (cells, softmax-CE, optimizers) are not written
-  here: ``cpu.equations`` holds each once, as scalar functions, compiled
-  here with ``cuda.jit(device=True)`` around ``math.tanh``; the kernels
-  below run them one thread per unit.
 - Math is exact (``math.tanh``, ``math.exp``, no fastmath): the CPU's
   rational tanh exists only because Numba cannot vectorise libm on the CPU.
 - Every sum has a fixed order (one thread walks it, or a fixed tree), never
@@ -32,8 +28,6 @@ import numpy as np
 from numba import config, cuda, float32, float64
 
 from .cells import GRU, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
-from .cpu import adam_scalars, as_float32
-from .cpu import equations as cpu_equations
 
 # GEMM tiles are TILE x TILE, one thread per output element. The simulator
 # runs every GPU thread as a Python thread, so there the tiles are small.
@@ -42,6 +36,8 @@ TPB = 128  # threads per block of the one-dimensional kernels
 _PADDED = TILE + 1  # shared tiles get a spare column: column writes then avoid bank conflicts
 
 _ZERO = np.float32(0.0)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
 
 
 def _launch(n):
@@ -257,8 +253,10 @@ def available():
 
 # ------------------------------------------------------------ cell equations
 
-# The equations, written once in cpu.py, compiled here for the GPU.
-_EQ = cpu_equations(cuda.jit(device=True), math.tanh)
+@cuda.jit(device=True)
+def _sigmoid(x):
+    # through tanh, as on the CPU: the same formula, and exp cannot overflow
+    return _HALF * math.tanh(_HALF * x) + _HALF
 
 
 @cuda.jit(device=True)
@@ -267,42 +265,43 @@ def _preact(xp, gh, b_hh, t, b, k):
     return xp[t, b, k] + gh[b, k] + b_hh[k]
 
 
-_lstm_unit, _lstm_unit_backward = _EQ["lstm_unit"], _EQ["lstm_unit_backward"]
-_gru_unit, _gru_unit_backward = _EQ["gru_unit"], _EQ["gru_unit_backward"]
-_rnn_unit, _rnn_unit_backward = _EQ["rnn_unit"], _EQ["rnn_unit_backward"]
-
-
 @cuda.jit
 def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, hn):
-    """Step t of every cell equation, one thread per (b, j): the unit
-    functions of cpu.equations, as cpu.lstm_cell_forward etc. apply them."""
+    """Step t of every cell equation, one thread per (b, j); the rows of
+    cpu.lstm_cell_forward / gru_cell_forward / rnn_cell_forward."""
     k = cuda.grid(1)
     H = hs.shape[2]
     if k >= hs.shape[1] * H:
         return
     b, j = k // H, k % H
-    if cell == LSTM:
-        i, f, g, o, c, h = _lstm_unit(
-            _preact(xp, gh, b_hh, t, b, j), _preact(xp, gh, b_hh, t, b, H + j),
-            _preact(xp, gh, b_hh, t, b, 2 * H + j), _preact(xp, gh, b_hh, t, b, 3 * H + j),
-            cs[t, b, j])
+    if cell == LSTM:  # c = f*c_prev + i*g;  h = o*tanh(c)
+        i = _sigmoid(_preact(xp, gh, b_hh, t, b, j))
+        f = _sigmoid(_preact(xp, gh, b_hh, t, b, H + j))
+        g = math.tanh(_preact(xp, gh, b_hh, t, b, 2 * H + j))
+        o = _sigmoid(_preact(xp, gh, b_hh, t, b, 3 * H + j))
+        c = f * cs[t, b, j] + i * g
         gates[t, b, j] = i
         gates[t, b, H + j] = f
         gates[t, b, 2 * H + j] = g
         gates[t, b, 3 * H + j] = o
         cs[t + 1, b, j] = c
-        hs[t + 1, b, j] = h
-    elif cell == GRU:
+        hs[t + 1, b, j] = o * math.tanh(c)
+    elif cell == GRU:  # n = tanh(x_n + r*(W_hn h + b_hn));  h = (1-z)*n + z*h_prev
+        r = _sigmoid(_preact(xp, gh, b_hh, t, b, j))
+        z = _sigmoid(_preact(xp, gh, b_hh, t, b, H + j))
         hnj = gh[b, 2 * H + j] + b_hh[2 * H + j]
-        r, z, n, h = _gru_unit(_preact(xp, gh, b_hh, t, b, j), _preact(xp, gh, b_hh, t, b, H + j),
-                               xp[t, b, 2 * H + j], hnj, hs[t, b, j])
+        n = math.tanh(xp[t, b, 2 * H + j] + r * hnj)
         gates[t, b, j] = r
         gates[t, b, H + j] = z
         gates[t, b, 2 * H + j] = n
         hn[t, b, j] = hnj
-        hs[t + 1, b, j] = h
-    else:
-        hs[t + 1, b, j] = _rnn_unit(_preact(xp, gh, b_hh, t, b, j), cell == RNN_RELU)
+        hs[t + 1, b, j] = (_ONE - z) * n + z * hs[t, b, j]
+    else:  # h = tanh(a) or relu(a)
+        a = _preact(xp, gh, b_hh, t, b, j)
+        if cell == RNN_RELU:
+            hs[t + 1, b, j] = a if a > _ZERO else _ZERO
+        else:
+            hs[t + 1, b, j] = math.tanh(a)
 
 
 @cuda.jit
@@ -317,28 +316,38 @@ def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, hn, carry, dxp
     b, j = k // H, k % H
     dh = dh_out[t, b, j] + dh_rec[b, j]
     if cell == LSTM:
-        di, df, dg, do, dc = _lstm_unit_backward(
-            dh, carry[b, j], gates[t, b, j], gates[t, b, H + j], gates[t, b, 2 * H + j],
-            gates[t, b, 3 * H + j], cs[t, b, j], cs[t + 1, b, j])
-        dxp[t, b, j] = di
-        dxp[t, b, H + j] = df
-        dxp[t, b, 2 * H + j] = dg
-        dxp[t, b, 3 * H + j] = do
-        carry[b, j] = dc
+        i = gates[t, b, j]
+        f = gates[t, b, H + j]
+        g = gates[t, b, 2 * H + j]
+        o = gates[t, b, 3 * H + j]
+        tc = math.tanh(cs[t + 1, b, j])
+        dc = carry[b, j] + dh * o * (_ONE - tc * tc)
+        dxp[t, b, j] = dc * g * i * (_ONE - i)
+        dxp[t, b, H + j] = dc * cs[t, b, j] * f * (_ONE - f)
+        dxp[t, b, 2 * H + j] = dc * i * (_ONE - g * g)
+        dxp[t, b, 3 * H + j] = dh * tc * o * (_ONE - o)
+        carry[b, j] = dc * f
     elif cell == GRU:
         # dgh differs from dxp in the n block: r multiplies W_hn h + b_hn
-        dr, dz, dn, dgh_n, dh_z = _gru_unit_backward(
-            dh + carry[b, j], gates[t, b, j], gates[t, b, H + j], gates[t, b, 2 * H + j],
-            hn[t, b, j], hs[t, b, j])
+        dh = dh + carry[b, j]
+        r = gates[t, b, j]
+        z = gates[t, b, H + j]
+        n = gates[t, b, 2 * H + j]
+        dn = dh * (_ONE - z) * (_ONE - n * n)
+        dr = dn * hn[t, b, j] * r * (_ONE - r)
+        dz = dh * (hs[t, b, j] - n) * z * (_ONE - z)
         dxp[t, b, j] = dr
         dxp[t, b, H + j] = dz
         dxp[t, b, 2 * H + j] = dn
         dgh[t, b, j] = dr
         dgh[t, b, H + j] = dz
-        dgh[t, b, 2 * H + j] = dgh_n
-        carry[b, j] = dh_z
+        dgh[t, b, 2 * H + j] = dn * r
+        carry[b, j] = dh * z
+    elif cell == RNN_RELU:
+        dxp[t, b, j] = dh if hs[t + 1, b, j] > _ZERO else _ZERO
     else:
-        dxp[t, b, j] = _rnn_unit_backward(dh, hs[t + 1, b, j], cell == RNN_RELU)
+        h = hs[t + 1, b, j]
+        dxp[t, b, j] = dh * (_ONE - h * h)
 
 
 # ------------------------------------------------------- time loops (layers)
@@ -382,15 +391,27 @@ def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
 
 # ------------------------------------------------------------------- output
 
-_cross_entropy_row = _EQ["cross_entropy_row"]
-
-
 @cuda.jit
 def _softmax_cross_entropy_kernel(dlogits, losses, logits, targets, scale):
-    # one thread per row: cpu.equations' cross_entropy_row
+    # one thread per row; float64 sums, float32 exponentials, as on the CPU
     n = cuda.grid(1)
-    if n < logits.shape[0]:
-        losses[n] = _cross_entropy_row(dlogits[n], logits[n], targets[n], scale)
+    if n >= logits.shape[0]:
+        return
+    V = logits.shape[1]
+    m = logits[n, 0]
+    for v in range(1, V):
+        m = max(m, logits[n, v])
+    s = 0.0
+    for v in range(V):
+        e = math.exp(logits[n, v] - m)
+        dlogits[n, v] = e
+        s += e
+    target = targets[n]
+    losses[n] = math.log(s) + m - logits[n, target]
+    inv = scale / s
+    for v in range(V):
+        dlogits[n, v] *= inv
+    dlogits[n, target] -= scale
 
 
 def softmax_cross_entropy(dlogits, logits, targets, scale):
@@ -440,58 +461,77 @@ def squared_norm(g):
     return math.fsum(partials.copy_to_host())
 
 
-_adam_unit, _rmsprop_unit = _EQ["adam_unit"], _EQ["rmsprop_unit"]
-_adagrad_unit, _sgd_unit = _EQ["adagrad_unit"], _EQ["sgd_unit"]
-
-
 @cuda.jit
 def _adam_kernel(p, g, m, v, step_size, inv_sqrt_bc2, b1, b2, e, shrink, l2, sc):
     k = cuda.grid(1)
     if k < p.shape[0]:
-        p[k], m[k], v[k] = _adam_unit(p[k], g[k], m[k], v[k], step_size, inv_sqrt_bc2,
-                                      b1, b2, e, shrink, l2, sc)
+        gk = g[k] * sc + l2 * p[k]
+        m[k] = b1 * m[k] + (_ONE - b1) * gk
+        v[k] = b2 * v[k] + (_ONE - b2) * gk * gk
+        p[k] = p[k] * shrink - step_size * m[k] / (math.sqrt(v[k]) * inv_sqrt_bc2 + e)
 
 
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, wd, decoupled, step, scale):
     """Adam / AdamW (PyTorch's formulation, bias-corrected)."""
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    f32 = np.float32
     _adam_kernel[_launch(p.shape[0])](
-        p, g, m, v, *adam_scalars(lr, beta1, beta2, eps, wd, decoupled, step, scale))
+        p, g, m, v, f32(lr / bc1), f32(1.0 / math.sqrt(bc2)), f32(beta1), f32(beta2),
+        f32(eps), f32(1.0 - lr * wd) if decoupled else _ONE,
+        f32(0.0 if decoupled else wd), f32(scale))
 
 
 @cuda.jit
 def _rmsprop_kernel(p, g, v, buf, lr, a, e, l2, mu, sc):
     k = cuda.grid(1)
     if k < p.shape[0]:
-        p[k], v[k], buf[k] = _rmsprop_unit(p[k], g[k], v[k], buf[k], lr, a, e, l2, mu, sc)
+        gk = g[k] * sc + l2 * p[k]
+        v[k] = a * v[k] + (_ONE - a) * gk * gk
+        u = gk / (math.sqrt(v[k]) + e)
+        if mu > _ZERO:
+            buf[k] = mu * buf[k] + u
+            u = buf[k]
+        p[k] -= lr * u
 
 
 def rmsprop_update(p, g, v, buf, lr, alpha, eps, wd, momentum, scale):
     """RMSprop (PyTorch's: eps outside the root; optional momentum)."""
-    _rmsprop_kernel[_launch(p.shape[0])](p, g, v, buf, *as_float32(lr, alpha, eps, wd, momentum, scale))
+    f32 = np.float32
+    _rmsprop_kernel[_launch(p.shape[0])](p, g, v, buf, f32(lr), f32(alpha), f32(eps),
+                                         f32(wd), f32(momentum), f32(scale))
 
 
 @cuda.jit
 def _adagrad_kernel(p, g, s, lr, e, l2, sc):
     k = cuda.grid(1)
     if k < p.shape[0]:
-        p[k], s[k] = _adagrad_unit(p[k], g[k], s[k], lr, e, l2, sc)
+        gk = g[k] * sc + l2 * p[k]
+        s[k] += gk * gk
+        p[k] -= lr * gk / (math.sqrt(s[k]) + e)
 
 
 def adagrad_update(p, g, s, lr, eps, wd, scale):
     """Adagrad (PyTorch's, without learning-rate decay)."""
-    _adagrad_kernel[_launch(p.shape[0])](p, g, s, *as_float32(lr, eps, wd, scale))
+    f32 = np.float32
+    _adagrad_kernel[_launch(p.shape[0])](p, g, s, f32(lr), f32(eps), f32(wd), f32(scale))
 
 
 @cuda.jit
 def _sgd_kernel(p, g, buf, lr, mu, l2, sc):
     k = cuda.grid(1)
     if k < p.shape[0]:
-        p[k], buf[k] = _sgd_unit(p[k], g[k], buf[k], lr, mu, l2, sc)
+        gk = g[k] * sc + l2 * p[k]
+        if mu > _ZERO:
+            buf[k] = mu * buf[k] + gk
+            gk = buf[k]
+        p[k] -= lr * gk
 
 
 def sgd_update(p, g, buf, lr, momentum, wd, scale):
     """SGD with optional (heavy-ball) momentum, PyTorch's convention."""
-    _sgd_kernel[_launch(p.shape[0])](p, g, buf, *as_float32(lr, momentum, wd, scale))
+    f32 = np.float32
+    _sgd_kernel[_launch(p.shape[0])](p, g, buf, f32(lr), f32(momentum), f32(wd), f32(scale))
 
 
 # ---------------------------------------------------------------- generation
