@@ -82,14 +82,35 @@ def test_the_same_rank_count_reruns_bit_identically(corpus, tmp_path):
 
 
 @needs_mpi
-def test_a_run_on_two_ranks_resumes_on_one_process(corpus, tmp_path):
+@pytest.mark.parametrize("ranks,threads", [(1, 2), (4, 1)])
+def test_a_run_on_two_ranks_resumes_on_any_number_of_ranks(corpus, tmp_path, ranks, threads):
     charrnn("train", corpus, "--out", tmp_path / "whole", "--threads", 1, "--steps", 40, *OPTS,
             ranks=2)
     charrnn("train", corpus, "--out", tmp_path / "split", "--threads", 1, "--steps", 20, *OPTS,
             ranks=2)
-    charrnn("train", corpus, "--resume", tmp_path / "split", "--steps", 40, "--threads", 2, "--quiet")
+    charrnn("train", corpus, "--resume", tmp_path / "split", "--steps", 40, "--threads", threads,
+            "--quiet", ranks=ranks)
     for (s1, a), (s2, b) in zip(val_losses(tmp_path / "whole"), val_losses(tmp_path / "split")):
         assert s1 == s2 and b == pytest.approx(a, rel=1e-6)
+
+
+@needs_mpi
+def test_two_ranks_as_two_hosts_log_the_losses_of_one_process(corpus, tmp_path):
+    """Two "hosts" on this machine: Hydra's fork launcher with two loopback
+    addresses (each rank sees itself alone on its node) and shared memory
+    off, so the gradients cross MPI's network module."""
+    charrnn("train", corpus, "--out", tmp_path / "one", "--threads", 2, "--steps", 30, *OPTS)
+    probe = subprocess.run([MPIEXEC, "-launcher", "fork", "-hosts", "127.0.0.1,127.0.0.2", "-n", "2",
+                            "-ppn", "1", "env", "MPIR_CVAR_NOLOCAL=1", sys.executable, "-c",
+                            "import os; os.write(1, f\"{os.environ['PMI_HOSTNAME']} {os.environ['MPI_LOCALNRANKS']}\\n\".encode())"],
+                           capture_output=True, text=True, timeout=120)
+    assert sorted(probe.stdout.split()) == ["1", "1", "127.0.0.1", "127.0.0.2"], probe.stderr
+    r = subprocess.run([MPIEXEC, "-launcher", "fork", "-hosts", "127.0.0.1,127.0.0.2", "-n", "2",
+                        "-ppn", "1", "env", "MPIR_CVAR_NOLOCAL=1", sys.executable, "-m", "charrnn.cli",
+                        "train", str(corpus), "--out", str(tmp_path / "two"), "--threads", "1",
+                        "--steps", "30", *OPTS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert val_losses(tmp_path / "two") == val_losses(tmp_path / "one")
 
 
 @needs_mpi
@@ -116,6 +137,17 @@ def test_ranks_that_see_different_corpora_stop_with_one_line(corpus, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.count("error:") == 1
     assert "see different corpora from rank 0" in r.stderr
+
+
+@needs_mpi
+def test_ranks_given_different_options_stop_with_one_line(corpus, tmp_path):
+    script = ("import os, sys; from charrnn.cli import main;"
+              "sys.argv = sys.argv + (['--lr', '0.01'] if os.environ.get('PMI_RANK') == '1' else []); main()")
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", script, "train", corpus,
+                        "--out", tmp_path / "run", "--steps", "5", *OPTS],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.count("error:") == 1
+    assert "ranks 1 see different options from rank 0" in r.stderr
 
 
 @needs_mpi
@@ -151,16 +183,17 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_loads(corpus, tmp_pa
 
 
 @needs_mpi
-def test_ctrl_c_on_mpiexec_saves_last_and_exits_as_one_process_does(corpus, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_mpiexec_saves_last_and_exits_as_one_process_does(corpus, tmp_path, sig, code):
     p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "charrnn.cli", "train", str(corpus),
                           "--out", str(tmp_path), "--threads", "1", "--steps", "100000", *OPTS],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode != 0 and "--resume" in err
+    assert p.returncode == code and err.count("error:") == 1 and "--resume" in err
     step = checkpoint.load(tmp_path, prefer="last").meta["progress"]["step"]
     assert step >= 10
 
