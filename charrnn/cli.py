@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import __version__
-from .distributed import launched_rank
+from .distributed import finish, launched_rank
 from .errors import CharrnnError
 
 
@@ -24,11 +24,13 @@ def _one_line_errors(f):
                 raise
             if launched_rank() == 0:  # under mpiexec every rank stops, rank 0 alone says why
                 click.echo(f"error: {e}", err=True)
+            finish(getattr(e, "exit_code", 1))
             sys.exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
             if debug:
                 raise
             click.echo("interrupted", err=True)
+            finish(130)
             sys.exit(130)
         except BrokenPipeError:  # the reader went away (`charrnn sample run | head`): stop quietly
             _stdout_to_devnull()
@@ -38,6 +40,7 @@ def _one_line_errors(f):
                 raise
             click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
                        err=True)
+            finish(2)
             sys.exit(2)
     return wrapper
 

@@ -51,6 +51,23 @@ class World:
         self.comm = comm
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
+        # a communicator of its own for ending (finish), so that it never
+        # meets a collective that other ranks are waiting in
+        self._ending = comm.Dup() if comm is not None else None
+
+    def finish(self, code, wait=10.0):
+        """This rank is ending with ``code`` (an error): if every rank ends
+        with it (an error all of them met), they all simply exit; if the
+        others are still training, waiting for this one in a collective,
+        end the whole job (MPI_Abort) rather than leave them hanging."""
+        if self.comm is None:
+            return
+        import time
+        request, t0 = self._ending.Ibarrier(), time.monotonic()
+        while not request.Test():
+            if time.monotonic() - t0 > wait:
+                self.comm.Abort(code)
+            time.sleep(0.01)
 
     def sum_into(self, buf):
         """buf = the sum of every rank's buf (in place), one collective."""
@@ -98,6 +115,7 @@ class World:
 
 
 SINGLE = World()
+_world = []  # this process's World once made
 
 
 def world():
@@ -106,8 +124,17 @@ def world():
     extra."""
     if launched_size() <= 1:
         return SINGLE
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise CharrnnError('training under mpiexec needs mpi4py: pip install "charrnn[mpi]"') from None
-    return World(MPI.COMM_WORLD)
+    if not _world:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise CharrnnError('training under mpiexec needs mpi4py: pip install "charrnn[mpi]"') from None
+        _world.append(World(MPI.COMM_WORLD))
+    return _world[0]
+
+
+def finish(code):
+    """Called as the process ends with an error: see World.finish (nothing
+    to do without MPI, or before any rank met another)."""
+    if _world:
+        _world[0].finish(code)

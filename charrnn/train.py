@@ -320,8 +320,7 @@ class _Run:
             self.opt.load_state_dict(saved.optim)
             self.model.rng_state = self.progress.rng
         self.report = _Reporter(cfg.quiet or not self.lead, self.max_steps, cfg.minutes)
-        if self.lead:
-            self._write_metrics_file()
+        self._on_lead(self._write_metrics_file)
 
     def _corpus(self, vocab):
         """(vocab, ids) of the corpus: ``vocab`` if given (a resume), else the
@@ -439,20 +438,33 @@ class _Run:
             p.best_val, p.bad_evals = val, 0
         else:
             p.bad_evals += 1
-        if self.lead:
-            try:
-                with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as e:
-                raise CharrnnError(f"cannot write {self.run_dir.metrics}: {e.strerror or e}; "
-                                   f"the last checkpoint is kept") from None
+        self._on_lead(lambda: self._append_metrics(row))
         self._save("last")
         if improved:
             self._save("best")
-        if self.cfg.plot and self.lead:
-            plot_runs([self.out], self.run_dir.curves)
+        if self.cfg.plot:
+            self._on_lead(lambda: plot_runs([self.out], self.run_dir.curves))
         self.report.eval(self, row, improved)
         self.mark = (time.perf_counter(), self.progress.step)
+
+    def _on_lead(self, write):
+        """``write()`` on the lead rank, which alone writes the run
+        directory; if it fails, every rank stops with its one-line error."""
+        problem = None
+        if self.lead:
+            try:
+                write()
+            except CharrnnError as e:
+                problem = str(e)
+        self.world.agree(problem)
+
+    def _append_metrics(self, row):
+        try:
+            with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise CharrnnError(f"cannot write {self.run_dir.metrics}: {e.strerror or e}; "
+                               f"the last checkpoint is kept") from None
 
     def _write_metrics_file(self):
         """metrics.jsonl as the checkpoint knows it (a resume drops lines
@@ -461,10 +473,11 @@ class _Run:
             f.write("".join(json.dumps(r) + "\n" for r in self.metrics).encode("utf-8"))
 
     def _save(self, name):
-        model, cfg = self.model, self.cfg
         state = self.world.gather_streams(self.state) if self.state else ()  # every rank's streams
-        if not self.lead:
-            return
+        self._on_lead(lambda: self._write_checkpoint(name, state))
+
+    def _write_checkpoint(self, name, state):
+        model, cfg = self.model, self.cfg
         progress = dataclasses.replace(self.progress, elapsed_s=self.elapsed(), rng=model.rng_state)
         train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()}
         meta = {"model": model.config, "vocab": model.vocab.to_dict(), "train": train_cfg,

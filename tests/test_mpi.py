@@ -211,3 +211,15 @@ def test_without_mpiexec_training_does_not_import_mpi4py(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@needs_mpi
+def test_a_rank_that_fails_alone_ends_the_ranks_waiting_for_it(tmp_path):
+    """An error on one rank while the others wait in a collective ends the
+    job (World.finish: MPI_Abort after a grace period) instead of hanging."""
+    script = ("import numpy as np, charrnn.distributed as d; w = d.world();"
+              "w.finish(3) if w.rank == 0 else w.sum_into(np.zeros(4))")
+    t0 = time.time()
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", script], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 3 and time.time() - t0 < 60
