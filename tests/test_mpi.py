@@ -123,18 +123,12 @@ def test_more_ranks_than_streams_is_one_line_on_rank_0_and_every_rank_fails(corp
 
 @needs_mpi
 def test_ranks_that_see_different_corpora_stop_with_one_line(corpus, tmp_path):
-    other = tmp_path / "other.txt"
-    other.write_text(corpus.read_text().replace("king", "kong"))
-    # rank 1 reads another file at the same path: give each rank its own working directory
-    script = ("import os, sys; os.chdir(sys.argv[1] if os.environ.get('PMI_RANK') == '0' else sys.argv[2]);"
-              "from charrnn.cli import main; sys.argv = sys.argv[:1] + sys.argv[3:]; main()")
-    (tmp_path / "r0").mkdir()
-    (tmp_path / "r1").mkdir()
+    # rank 1 reads another file at the same path
+    for d in ("r0", "r1"):
+        (tmp_path / d).mkdir()
     shutil.copy(corpus, tmp_path / "r0" / "c.txt")
-    shutil.copy(other, tmp_path / "r1" / "c.txt")
-    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", script, tmp_path / "r0", tmp_path / "r1",
-                        "train", "c.txt", "--out", tmp_path / "run", "--steps", "5", *OPTS],
-                       capture_output=True, text=True, timeout=300)
+    (tmp_path / "r1" / "c.txt").write_text(corpus.read_text().replace("king", "kong"))
+    r = per_rank_directories(tmp_path, "train", "c.txt", "--out", tmp_path / "run", "--steps", "5", *OPTS)
     assert r.returncode != 0 and r.stderr.count("error:") == 1
     assert "see different corpora from rank 0" in r.stderr
 
@@ -150,28 +144,41 @@ def test_ranks_given_different_options_stop_with_one_line(corpus, tmp_path):
     assert "ranks 1 see different options from rank 0" in r.stderr
 
 
+# rank 0 works in argv[1], the others in argv[2]; the rest is the charrnn command
+PER_RANK_DIRECTORY = ("import os, sys; os.chdir(sys.argv[1] if os.environ.get('PMI_RANK') == '0' "
+                      "else sys.argv[2]); from charrnn.cli import main; sys.argv = sys.argv[:1] + sys.argv[3:]; main()")
+
+
+def per_rank_directories(tmp_path, *args):
+    """mpiexec -n 2 charrnn ARGS, each rank in a directory of its own (r0, r1)."""
+    return subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", PER_RANK_DIRECTORY, tmp_path / "r0",
+                           tmp_path / "r1", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
 @needs_mpi
 def test_a_run_directory_the_ranks_do_not_share_is_one_line(corpus, tmp_path):
-    # each rank in a directory of its own, --out relative: as two hosts without a shared disk
-    script = ("import os, sys; os.chdir(sys.argv[1] if os.environ.get('PMI_RANK') == '0' else sys.argv[2]);"
-              "from charrnn.cli import main; sys.argv = sys.argv[:1] + sys.argv[3:]; main()")
+    # --out relative: as two hosts without a shared disk
     for d in ("r0", "r1"):
         (tmp_path / d).mkdir()
-    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", script, tmp_path / "r0", tmp_path / "r1",
-                        "train", corpus, "--out", "run", "--steps", "5", *OPTS],
-                       capture_output=True, text=True, timeout=300)
+    r = per_rank_directories(tmp_path, "train", corpus, "--out", "run", "--steps", "5", *OPTS)
     assert r.returncode != 0 and r.stderr.count("error:") == 1
     assert "must be on a file system every host shares" in r.stderr
 
 
-@needs_mpi
-def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_loads(corpus, tmp_path):
+def _training_in_background(corpus, out):
+    """mpiexec -n 2 training (no end in sight), once it has written last.ckpt."""
     p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "charrnn.cli", "train", str(corpus),
-                          "--out", str(tmp_path), "--threads", "1", "--steps", "100000", *OPTS],
+                          "--out", str(out), "--threads", "1", "--steps", "100000", *OPTS],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "last.ckpt").exists() and time.time() < deadline:
+    while not (out / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.2)
+    return p
+
+
+@needs_mpi
+def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_loads(corpus, tmp_path):
+    p = _training_in_background(corpus, tmp_path)
     ranks = subprocess.run(["pgrep", "-f", f"charrnn.cli train {corpus}"], capture_output=True, text=True)
     pids = [int(x) for x in ranks.stdout.split()]
     assert len(pids) >= 2
@@ -185,17 +192,11 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_loads(corpus, tmp_pa
 @needs_mpi
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_to_mpiexec_saves_last_and_exits_as_one_process_does(corpus, tmp_path, sig, code):
-    p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "charrnn.cli", "train", str(corpus),
-                          "--out", str(tmp_path), "--threads", "1", "--steps", "100000", *OPTS],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "last.ckpt").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    p = _training_in_background(corpus, tmp_path)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert p.returncode == code and err.count("error:") == 1 and "--resume" in err
-    step = checkpoint.load(tmp_path, prefer="last").meta["progress"]["step"]
-    assert step >= 10
+    assert checkpoint.load(tmp_path, prefer="last").meta["progress"]["step"] >= 10
 
 
 def test_under_mpiexec_without_mpi4py_the_error_names_the_extra(monkeypatch):

@@ -8,6 +8,7 @@ The seed is printed in pytest's header (conftest.py); ``--hypothesis-seed=N``
 replays a run.
 """
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -157,3 +158,30 @@ def test_sampled_text_state_and_logits_are_the_same_for_one_to_four_ranks(c):
     for ranks in (2, 3, 4):
         for got, want in zip(_ranked_text(m, c, ranks), one):
             np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(passes(), st.integers(1, 4))
+def test_ranks_parts_of_a_batch_sum_to_the_whole_batchs_pass(c, ranks):
+    """What MPI ranks compute, one after another in one process: each its
+    streams (parallel.shard_cuts(B, N)) as a part of the batch, with the
+    whole batch's dropout masks; their losses and gradients sum to the
+    whole batch's."""
+    ranks = min(ranks, c["B"])
+    (x, y), _ = _windows(c)
+    with parallel.thread_limit(c["threads"]):
+        whole = _model(c, np.float64)
+        total, state = whole.window(x, y, train=True)
+        cuts = parallel.shard_cuts(c["B"], ranks)
+        parts, grads, states = 0.0, 0.0, []
+        for r in range(ranks):
+            m = _model(c, np.float64)  # every rank starts from the same model and generator
+            mine = slice(cuts[r], cuts[r + 1])
+            t, s = m.window(x[mine], y[mine], train=True, part=(cuts[r], c["B"]))
+            parts, grads = parts + t, grads + m.grads
+            states.append(s)
+            assert m.rng_state == whole.rng_state  # the same masks drawn on every rank
+    assert parts == pytest.approx(total, rel=1e-12)
+    np.testing.assert_allclose(grads, whole.grads, rtol=1e-10, atol=1e-14)
+    for got, want in zip(zip(*states), state):
+        np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-12, atol=1e-15)
