@@ -43,7 +43,7 @@ class Streams:
 
     def __init__(self, model, S, ranks=None):
         c, dt = model.config, model.dtype
-        V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"] or 0
+        H, L = c["hidden"], c["layers"]
         R = min(ranks or parallel.sampling_ranks(H), H)
         self.model, self.S, self.R = model, S, R
         # the state is shared by the ranks, each writing its own hidden units

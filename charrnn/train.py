@@ -9,10 +9,8 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-
 
 from . import checkpoint as ckpt_io
 from . import corpora, distributed, parallel
