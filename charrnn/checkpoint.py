@@ -17,7 +17,7 @@ from .files import atomic_write
 from .data import Vocab
 from .errors import CharrnnError
 from .layout import check_memory, model_config, param_shapes
-from .optim import OPTIMIZER_SLOTS
+from .optim import OPTIMIZERS, optimizer_slots
 
 FORMAT = "charrnn-checkpoint"
 VERSION = 1
@@ -163,8 +163,10 @@ def _expected_members(meta, bad):
         for i in range(2 if config["cell"] == "lstm" else 1):
             expected[f"state/{i}"] = (state, _FLOATS)
         expected["optim/step_count"] = ((), (np.dtype("<i8"), np.dtype("<i4")))
-        for slot in OPTIMIZER_SLOTS.get(train.get("optimizer"), ()):
-            expected[f"optim/{slot}"] = ((n,), _FLOATS)
+        average = train.get("average", 0.0)
+        if train.get("optimizer") in OPTIMIZERS and isinstance(average, (int, float)):
+            for slot in optimizer_slots(train["optimizer"], average):
+                expected[f"optim/{slot}"] = ((n,), _FLOATS)
     check_memory(sum(8 * int(np.prod(shape)) for shape, _ in expected.values()),
                  "the model this checkpoint declares")
     return expected

@@ -71,17 +71,46 @@ _threads_option = click.option("--threads", type=click.IntRange(min=0), default=
                                help="CPU threads; 0 = all cores.")
 
 
+class _OrAuto(click.ParamType):
+    """A number, or "auto" (None: the training decides, sizing.py)."""
+
+    def __init__(self, kind):
+        self.kind, self.name = kind, f"{kind.__name__}|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).strip().lower() == "auto":
+            return None
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a {'whole number' if self.kind is int else 'number'} or auto",
+                      param, ctx)
+
+
 def _train_options(f):
     from .optim import OPTIMIZERS, SCHEDULES
     from .train import TrainConfig as D  # the defaults live there, once
     opts = [
         click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=D.cell, show_default=True),
-        click.option("--hidden", type=int, default=D.hidden, show_default=True, help="Units per layer."),
-        click.option("--layers", type=int, default=D.layers, show_default=True),
+        click.option("--hidden", type=_OrAuto(int), default="auto", show_default=True,
+                     help="Units per layer; auto: from the corpus and the budget."),
+        click.option("--layers", type=_OrAuto(int), default="auto", show_default=True, help="auto: 2, or 3 when wide."),
         click.option("--embed", type=int, default=D.embed, show_default=True, help="Embedding size; 0 = one-hot input."),
-        click.option("--dropout", type=float, default=D.dropout, show_default=True, help="Between layers."),
+        click.option("--dropout", type=_OrAuto(float), default="auto", show_default=True,
+                     help="Between layers; auto: from the passes over the data the budget allows."),
         click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=D.nonlinearity,
                      show_default=True, help="For --cell rnn."),
+        click.option("--output-dropout", type=float, default=D.output_dropout, show_default=True,
+                     help="On the top layer's output."),
+        click.option("--weight-drop", type=float, default=D.weight_drop, show_default=True,
+                     help="DropConnect on the recurrent weights, one mask per window."),
+        click.option("--embed-dropout", type=float, default=D.embed_dropout, show_default=True,
+                     help="Drops whole input characters, one mask per window."),
+        click.option("--locked-dropout/--no-locked-dropout", default=D.locked_dropout, show_default=True,
+                     help="One dropout mask per stream for all the steps of a window."),
+        click.option("--average", type=float, default=D.average, show_default=True,
+                     help="Decay of the weights' moving average, which is evaluated and saved as "
+                          "best; 0 = off."),
         click.option("--seq-len", type=int, default=D.seq_len, show_default=True, help="T: characters per window (BPTT)."),
         click.option("--batch", type=int, default=D.batch, show_default=True, help="B: parallel streams."),
         click.option("--lr", type=float, default=D.lr, show_default=True, help="Learning rate."),
@@ -94,6 +123,9 @@ def _train_options(f):
         click.option("--decay", type=float, default=D.decay, show_default=True, help="Step schedule: factor..."),
         click.option("--decay-every", type=int, default=D.decay_every, show_default=True,
                      help="...every N steps (0: a third of the budget)."),
+        click.option("--decay-start", type=float, default=D.decay_start, show_default=True,
+                     help="Cosine and linear schedules: the share of the budget (steps, epochs or "
+                          "minutes) at the full rate before the decay."),
         click.option("--steps", type=int, default=D.steps, help="Budget: updates (counted from step 0 of the run)."),
         click.option("--epochs", type=float, default=D.epochs, help="Budget: passes over the training split."),
         click.option("--minutes", type=float, default=D.minutes,
@@ -101,8 +133,9 @@ def _train_options(f):
         click.option("--val-frac", type=float, default=D.val_frac, show_default=True, help="Tail share for validation."),
         click.option("--val-chars", type=click.IntRange(min=0), default=D.val_chars, show_default=True,
                      help="Characters of that tail each validation scores (its start); 0 = all."),
-        click.option("--eval-every", type=int, default=D.eval_every, show_default=True,
-                     help="Steps between validations and checkpoints."),
+        click.option("--eval-every", default=D.eval_every, show_default=True,
+                     help="Validations and checkpoints: every N steps, Ns / Nm (seconds, minutes), "
+                          "Ne (epochs), or auto (20 over the budget)."),
         click.option("--patience", type=int, default=D.patience, show_default=True,
                      help="Stop after N evaluations without improvement; 0 = never."),
         click.option("--out", type=click.Path(file_okay=False), default=D.out, show_default=True,
@@ -204,19 +237,36 @@ def _write(text):
 @click.argument("file", type=click.Path())
 @click.option("--skip-unknown", is_flag=True, help="Skip characters outside the vocabulary (counted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--dynamic", is_flag=True,
+              help="Dynamic evaluation: the model keeps learning from the text as it reads it.")
+@click.option("--dynamic-lr", type=float, default=None, help="Its SGD learning rate (default 0.01).")
+@click.option("--dynamic-decay", type=float, default=None,
+              help="Its pull back toward the trained weights per update (default 0.01).")
+@_threads_option
 @_device_option
 @_one_line_errors
-def eval_(checkpoint, file, skip_unknown, as_json, device):
+def eval_(checkpoint, file, skip_unknown, as_json, dynamic, dynamic_lr, dynamic_decay, threads,
+          device):
     """Bits per character of FILE under CHECKPOINT, the state carried over the whole file."""
+    import functools
     import json
+    from . import dynamic as D
     from .generate import score_file
-    r = score_file(_load(checkpoint, device), file, skip_unknown=skip_unknown)
+    from .parallel import thread_limit
+    if not dynamic and (dynamic_lr is not None or dynamic_decay is not None):
+        raise CharrnnError("--dynamic-lr and --dynamic-decay go with --dynamic")
+    scorer = functools.partial(D.dynamic_score, lr=D.LR if dynamic_lr is None else dynamic_lr,
+                               decay=D.DECAY if dynamic_decay is None else dynamic_decay) \
+        if dynamic else None
+    with thread_limit(threads):
+        r = score_file(_load(checkpoint, device), file, skip_unknown=skip_unknown, scorer=scorer)
     if as_json:
-        click.echo(json.dumps({"file": str(file), **r}))
+        click.echo(json.dumps({"file": str(file), "dynamic": dynamic, **r}))
     else:
         skipped = f", {r['skipped']} unknown skipped" if skip_unknown else ""
+        how = " (dynamic evaluation)" if dynamic else ""
         click.echo(f"{r['bpc']:.4f} bits/char, perplexity {r['perplexity']:.3f}, "
-                   f"{r['nats']:.4f} nats/char over {r['chars']:,} characters{skipped}")
+                   f"{r['nats']:.4f} nats/char over {r['chars']:,} characters{skipped}{how}")
 
 
 @main.command()

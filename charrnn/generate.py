@@ -292,13 +292,27 @@ def read_text(model, path):
     return raw
 
 
-def score_file(model, path, skip_unknown=False):
-    """``score`` of the file at ``path`` (read_text), with its name in any error."""
+def score_file(model, path, skip_unknown=False, scorer=None):
+    """``score`` (or ``scorer``, with the same arguments) of the file at
+    ``path`` (read_text), with its name in any error."""
     raw = read_text(model, path)
     try:
-        return score(model, raw, skip_unknown)
+        return (scorer or score)(model, raw, skip_unknown=skip_unknown)
     except CharrnnError as e:
         raise CharrnnError(f"{path}: {e}") from None
+
+
+def ids_to_score(model, text, skip_unknown=False):
+    """The ids of ``text`` in the model's vocabulary (UTF-8 bytes for a
+    bytes model), and how many unknown characters were skipped; at least 2
+    ids (one to predict)."""
+    vocab = _vocab(model)
+    if vocab.mode == "bytes" and isinstance(text, str):
+        text = text.encode("utf-8")
+    ids = vocab.encode(text, skip_unknown=skip_unknown)
+    if len(ids) < 2:
+        raise CharrnnError("the text needs at least 2 known characters to be scored")
+    return ids, len(text) - len(ids)
 
 
 def score(model, text, skip_unknown=False, window=1024):
@@ -308,14 +322,7 @@ def score(model, text, skip_unknown=False, window=1024):
     nats per character over the ``chars`` characters predicted (all but the
     first) and how many unknown characters were skipped.
     """
-    vocab = _vocab(model)
-    if vocab.mode == "bytes" and isinstance(text, str):
-        text = text.encode("utf-8")
-    before = len(text)
-    ids = vocab.encode(text, skip_unknown=skip_unknown)
-    skipped = before - len(ids)
-    if len(ids) < 2:
-        raise CharrnnError("the text needs at least 2 known characters to be scored")
+    ids, skipped = ids_to_score(model, text, skip_unknown)
     total, state = 0.0, None
     for j in range(0, len(ids) - 1, window):
         x = ids[j:j + window]

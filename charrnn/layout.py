@@ -16,8 +16,15 @@ def _check_size(name, value, lo, hi=None):
         raise CharrnnError(f"{name} must be an integer {rng}, not {value!r}")
 
 
+def _check_rate(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise CharrnnError(f"{name} must be in [0, 1), not {value!r}")
+    return float(value)
+
+
 def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
-                 nonlinearity="tanh"):
+                 nonlinearity="tanh", output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0,
+                 locked_dropout=False):
     """The validated configuration of a model (``Model``'s arguments), as
     ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
     if cell not in CELLS:
@@ -29,10 +36,14 @@ def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, drop
     _check_size("layers", layers, 1, 64)
     embed = 0 if embed is None else embed
     _check_size("embed", embed, 0, 1 << 16)
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise CharrnnError(f"dropout must be in [0, 1), not {dropout!r}")
+    rates = {name: _check_rate(name, value) for name, value in (
+        ("dropout", dropout), ("output_dropout", output_dropout), ("weight_drop", weight_drop),
+        ("embed_dropout", embed_dropout))}
+    if not isinstance(locked_dropout, bool):
+        raise CharrnnError(f"locked_dropout must be true or false, not {locked_dropout!r}")
     return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
-                embed=int(embed) or None, dropout=float(dropout), nonlinearity=nonlinearity)
+                embed=int(embed) or None, nonlinearity=nonlinearity, **rates,
+                locked_dropout=locked_dropout)
 
 
 def param_shapes(config):

@@ -20,8 +20,17 @@ class Model:
     - ``vocab_size`` V; ``cell``: "lstm", "gru" or "rnn"; ``hidden`` H;
       ``layers`` L;
     - ``embed``: None or 0 for one-hot input, else the embedding size E;
-    - ``dropout``: inverted dropout between layers, in training passes only;
     - ``nonlinearity``: "tanh" or "relu" (``cell="rnn"`` only);
+    - regularisers, in training passes only (inverted: kept values are
+      scaled by 1/(1-p), so inference needs no change):
+      ``dropout`` on each layer's output but the top one (PyTorch's
+      ``nn.LSTM(dropout=...)``), ``output_dropout`` on the top layer's output
+      (before the decoder), ``weight_drop`` on the entries of each W_hh
+      (DropConnect, one mask per window, as AWD-LSTM), ``embed_dropout``
+      on whole characters (rows of the embedding, or of W_ih0^T with
+      one-hot input: one mask per window); ``locked_dropout``: the dropout
+      masks hold for every time step of a window (one per stream and unit,
+      "variational" dropout) instead of one per step;
     - ``seed``: initialisation (PyTorch's: uniform +-1/sqrt(H), embedding N(0,1))
       and dropout masks;
     - ``dtype``: float32; float64 exists for gradient checks (CPU only);
@@ -34,8 +43,10 @@ class Model:
     """
 
     def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
-                 dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu"):
-        self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity)
+                 dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu",
+                 output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0, locked_dropout=False):
+        self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity,
+                                   output_dropout, weight_drop, embed_dropout, locked_dropout)
         self.dtype = np.dtype(dtype)
         self.backend = backend(device)
         self.device = "cpu" if self.backend is K else "cuda"
@@ -54,6 +65,7 @@ class Model:
         self._init_weights()
         self._workspaces = {}
         self._w_hh_t = None    # the recurrent weights transposed, for BPTT
+        self._dropped = {}     # name -> (mask, weights with the mask applied): weight_drop, embed_dropout
         self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
     # ------------------------------------------------------------ layout
@@ -81,9 +93,12 @@ class Model:
     def rng_state(self):
         """The state of the generator that draws the dropout masks (a
         checkpoint stores it, so that a resumed run draws the same masks).
-        Each training pass draws one mask [T, B, H] per layer below the top,
-        in layer order, for the whole batch: ``random(shape, float32) >=
-        dropout`` kept, scaled by 1/(1-dropout)."""
+        Each training pass draws, for the whole batch, in this order, each
+        regulariser that is on: ``dropout``, one mask [T, B, H] per layer
+        below the top, in layer order; ``output_dropout``, one [T, B, H];
+        ``weight_drop``, one [G*H, H] per layer; ``embed_dropout``, one
+        [V, 1]. With ``locked_dropout`` the dropout masks are [1, B, H]. A
+        mask is ``random(shape, float32) >= p`` kept, scaled by 1/(1-p)."""
         return self._rng.bit_generator.state
 
     @rng_state.setter
@@ -125,7 +140,7 @@ class Model:
         T, B = ids.shape
         ws = self._workspace(B, T, 0)
         self._feed(ws, ids, self._check_state(state, B))
-        self._run_forward(ws, [None] * (self.config["layers"] - 1))
+        self._run_forward(ws, _NOISELESS)
         logits = self.backend.get(ws.logits).reshape(ws.T, ws.B, -1).transpose(1, 0, 2)
         return np.ascontiguousarray(logits), self._state_out(ws)
 
@@ -139,7 +154,7 @@ class Model:
         T, B = ids.shape
         ws = self._workspace(B, T, 0)
         self._feed(ws, ids, self._check_state(state, B))
-        self._run_forward(ws, [None] * (self.config["layers"] - 1))
+        self._run_forward(ws, _NOISELESS)
         get = self.backend.get
 
         def batch_first(arrays):  # per layer [T,B,X] -> [B,T,L,X]
@@ -167,11 +182,11 @@ class Model:
         ws = self._workspace(B, T, 0)
         self._feed(ws, ids, self._check_state(state, B))
         K.put(ws.targets, targets.reshape(-1))
-        self._run_forward(ws, [None] * (self.config["layers"] - 1))
+        self._run_forward(ws, _NOISELESS)
         K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, 1.0)
         w = np.asarray(weights, self.dtype).T.reshape(-1, 1)  # time-major rows
         K.put(ws.dlogits, get(ws.dlogits) * w)
-        self._run_backward(ws, ws.grads(self), self._transposed_w_hh())
+        self._run_backward(ws, ws.grads(self), _NOISELESS, self._transposed_w_hh(_NOISELESS))
         if self.config["embed"]:
             d = get(ws.demb).reshape(T, B, -1)
         else:  # layer 0's input projection is W_ih0 x: chain through it
@@ -210,7 +225,8 @@ class Model:
         ``part`` = (first, batch): these B streams are streams first ..
         first+B-1 of a batch of ``batch`` (the others on other MPI ranks):
         the gradients are then those of the whole batch's mean, and dropout
-        uses the masks the whole batch draws, sliced to these streams.
+        uses the masks the whole batch draws, sliced to these streams
+        (``rng_state`` says which).
 
         On the CPU the streams are cut into shards, one per thread
         (parallel.shard_cuts), each run by its own thread with a one-thread
@@ -224,13 +240,9 @@ class Model:
         if not 0 <= first <= first + B <= batch:
             raise CharrnnError(f"streams {first}..{first + B - 1} are not part of a batch of {batch}")
         state = self._check_state(state, B)
-        drop = train and self.config["dropout"] > 0
-        # every mask drawn here, for the whole batch and in layer order, so
-        # that neither threads nor ranks change them
-        masks = [self._dropout_mask((T, batch, self.config["hidden"]))[:, first:first + B] if drop
-                 else None for _ in range(self.config["layers"] - 1)]
+        noise = self._draw_noise(T, batch, slice(first, first + B)) if train else _NOISELESS
         scale = 1.0 / (batch * T) if train else 0.0
-        w_hh_t = self._transposed_w_hh() if train else None  # BPTT reads W_hh transposed
+        w_hh_t = self._transposed_w_hh(noise) if train else None  # BPTT reads W_hh transposed
         cuts = parallel.shard_cuts(B, None if self.device == "cpu" else 1)
         jobs = []
         for s in range(len(cuts) - 1):
@@ -238,8 +250,7 @@ class Model:
             ws = self._workspace(b.stop - b.start, T, s)
             grads = self.gradients if s == 0 else ws.grads(self)
             part = None if state is None else tuple(a[:, b] for a in state)
-            jobs.append((ws, ids[:, b], targets[:, b], part,
-                         [None if m is None else m[:, b] for m in masks], grads,
+            jobs.append((ws, ids[:, b], targets[:, b], part, noise.streams(b), grads,
                          scale, train, w_hh_t))
         total = sum(parallel.run_shards(self._shard_pass, jobs))
         if train:
@@ -248,24 +259,55 @@ class Model:
         states = [self._state_out(job[0]) for job in jobs]
         return total, tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
 
-    def _shard_pass(self, ws, ids, targets, state, masks, grads, scale, train, w_hh_t):
+    def _shard_pass(self, ws, ids, targets, state, noise, grads, scale, train, w_hh_t):
         self._feed(ws, ids, state)
         self.backend.put(ws.targets, targets.reshape(-1))
-        self._run_forward(ws, masks)
+        self._run_forward(ws, noise)
         total = self.backend.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
         if train:
-            self._run_backward(ws, grads, w_hh_t)
+            self._run_backward(ws, grads, noise, w_hh_t)
         return total
 
-    def _transposed_w_hh(self):
-        """weight_hh_l{k}.T of every layer, refreshed (shared by the shards)."""
+    def _transposed_w_hh(self, noise):
+        """The recurrent weights of every layer (weight-dropped, if
+        ``noise`` drops them) transposed, refreshed (shared by the shards)."""
         if self._w_hh_t is None:
             H, L = self.config["hidden"], self.config["layers"]
             GH = gates(self.config["cell"], self.config["nonlinearity"]) * H
             self._w_hh_t = [self.backend.zeros((H, GH), self.dtype) for _ in range(L)]
         for k, w_t in enumerate(self._w_hh_t):
-            self.backend.transpose(w_t, self.weights[f"rnn.weight_hh_l{k}"])
+            self.backend.transpose(w_t, noise.weight(self.weights, f"rnn.weight_hh_l{k}"))
         return self._w_hh_t
+
+    def _draw_noise(self, T, batch, streams):
+        """The regularisers' masks for a training window of ``batch``
+        streams (drawn for the whole batch, in ``rng_state``'s order, so that
+        neither threads nor ranks change them), cut to ``streams``; the
+        weights they drop are applied here, once for every shard."""
+        c, K = self.config, self.backend
+        L, H = c["layers"], c["hidden"]
+        steps = 1 if c["locked_dropout"] else T
+        between = [self._dropout_mask((steps, batch, H), c["dropout"])[:, streams]
+                   for _ in range(L - 1)] if c["dropout"] else None
+        top = self._dropout_mask((steps, batch, H), c["output_dropout"])[:, streams] \
+            if c["output_dropout"] else None
+        dropped = {}
+        if c["weight_drop"]:
+            for k in range(L):
+                name = f"rnn.weight_hh_l{k}"
+                dropped[name] = self._dropout_mask(self.shapes[name], c["weight_drop"])
+        if c["embed_dropout"]:  # whole characters: rows of the table the ids pick
+            name = "encoder.weight" if c["embed"] else "rnn.weight_ih_l0"
+            rows = self._dropout_mask((c["vocab_size"], 1), c["embed_dropout"])
+            dropped[name] = rows if c["embed"] else rows.T  # W_ih0 is [G*H, V]: columns
+        for name, mask in dropped.items():
+            if name not in self._dropped:
+                shape = self.shapes[name]
+                self._dropped[name] = (K.zeros(shape, self.dtype), K.zeros(shape, self.dtype))
+            mask_buf, weights = self._dropped[name]
+            K.put(mask_buf, mask)  # broadcast to the weights' shape
+            K.apply_dropout(weights, self.weights[name], mask_buf)
+        return _Noise(between, top, {name: self._dropped[name] for name in dropped})
 
     # ------------------------------------------------------------ text and files
     def sample(self, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None):
@@ -330,71 +372,77 @@ class Model:
             raise CharrnnError(f"{name} holds ids outside [0, {V})")
         return np.ascontiguousarray(x.T, dtype=np.int32)  # time-major [T, B]
 
-    def _run_forward(self, ws, masks):
-        """Forward through ``ws`` (ids and state in place); ``masks[k]`` is the
-        dropout mask on layer k's output, or None."""
+    def _dropped_output(self, ws, k, mask):
+        """Layer k's output [T*B, H], through ``mask`` (or as it is, for None)."""
+        out = ws.layers[k].hs[1:].reshape(ws.T * ws.B, -1)
+        if mask is None:
+            return out
+        lay = ws.layers[k]
+        self.backend.put(lay.mask, mask)  # broadcast over the steps when locked
+        self.backend.apply_dropout(lay.dropped, out, lay.mask)
+        return lay.dropped
+
+    def _run_forward(self, ws, noise):
+        """Forward through ``ws`` (ids and state in place), with the
+        regularisers of ``noise`` (a ``_Noise``)."""
         c, p, K = self.config, self.weights, self.backend
-        L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
-        drop = masks[0] is not None if masks else False
+        L, T, B = c["layers"], ws.T, ws.B
         for k in range(L):
             lay = ws.layers[k]
             xp2 = lay.xp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
                 # one-hot input: the projection is a row gather of W_ih^T
-                K.transpose(ws.w_ih0_t, p["rnn.weight_ih_l0"])
+                K.transpose(ws.w_ih0_t, noise.weight(p, "rnn.weight_ih_l0"))
                 K.embedding_forward(xp2, ws.w_ih0_t, ws.ids, p["rnn.bias_ih_l0"])
             else:
                 if k == 0:
-                    K.embedding_forward(ws.emb, p["encoder.weight"], ws.ids, ws.zero_e)
+                    K.embedding_forward(ws.emb, noise.weight(p, "encoder.weight"), ws.ids, ws.zero_e)
                     inp = ws.emb
                 else:
-                    below = ws.layers[k - 1]
-                    inp = below.hs[1:].reshape(T * B, H)
-                    if drop:
-                        K.put(below.mask, masks[k - 1])
-                        K.apply_dropout(below.dropped, inp, below.mask)
-                        inp = below.dropped
+                    inp = self._dropped_output(ws, k - 1, noise.mask(k - 1, L))
                 lay.inp = inp
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
-            K.recurrent_forward(self.cell_id, lay.xp, p[f"rnn.weight_hh_l{k}"],
+            K.recurrent_forward(self.cell_id, lay.xp, noise.weight(p, f"rnn.weight_hh_l{k}"),
                                 p[f"rnn.bias_hh_l{k}"], lay.hs, lay.cs, lay.gates,
                                 lay.hn, ws.gh)
-        ws.dropout_on = drop
-        top = ws.layers[-1].hs[1:].reshape(T * B, H)
-        K.linear_forward(ws.logits, top, p["decoder.weight"], p["decoder.bias"])
+        ws.top = self._dropped_output(ws, L - 1, noise.mask(L - 1, L))
+        K.linear_forward(ws.logits, ws.top, p["decoder.weight"], p["decoder.bias"])
 
-    def _run_backward(self, ws, g, w_hh_t):
+    def _run_backward(self, ws, g, noise, w_hh_t):
         """BPTT through ``ws``, writing the gradients into the views ``g``;
-        ``w_hh_t[k]``: layer k's recurrent weights transposed."""
+        ``noise``: the forward pass's regularisers; ``w_hh_t[k]``: layer k's
+        recurrent weights (as the forward pass used them) transposed."""
         c, p, K = self.config, self.weights, self.backend
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
-        top = ws.layers[-1].hs[1:].reshape(T * B, H)
         dh = ws.dh_out.reshape(T * B, H)
-        K.linear_backward(dh, g["decoder.weight"], g["decoder.bias"], ws.dlogits,
-                          top, p["decoder.weight"])
+        top_mask = noise.mask(L - 1, L)
+        K.linear_backward(ws.ddropped if top_mask is not None else dh, g["decoder.weight"],
+                          g["decoder.bias"], ws.dlogits, ws.top, p["decoder.weight"])
+        if top_mask is not None:  # through the output dropout's mask
+            K.apply_dropout(dh, ws.ddropped, ws.layers[L - 1].mask)
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
             K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], lay.hs, lay.cs,
                                  lay.gates, lay.hn, ws.dxp, ws.dgh, ws.dh_rec, ws.carry,
                                  g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"])
+            noise.chain(K, g, f"rnn.weight_hh_l{k}")
             dxp2 = ws.dxp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
                 K.embedding_backward(ws.w_ih0_t, g["rnn.bias_ih_l0"], dxp2, ws.ids)
                 K.transpose(g["rnn.weight_ih_l0"], ws.w_ih0_t)
+                noise.chain(K, g, "rnn.weight_ih_l0")
                 continue
-            if k == 0:
-                dinp = ws.demb
-            else:  # the layer below gets the gradient, through its dropout mask
-                dinp = ws.ddropped if ws.dropout_on else dh
+            mask = noise.mask(k - 1, L) if k else None
+            dinp = ws.demb if k == 0 else ws.ddropped if mask is not None else dh
             K.linear_backward(dinp, g[f"rnn.weight_ih_l{k}"], g[f"rnn.bias_ih_l{k}"],
                               dxp2, lay.inp, p[f"rnn.weight_ih_l{k}"])
             if k == 0:
                 K.embedding_backward(g["encoder.weight"], ws.dzero_e, ws.demb, ws.ids)
-            elif ws.dropout_on:
+                noise.chain(K, g, "encoder.weight")
+            elif mask is not None:  # the layer below gets the gradient through its mask
                 K.apply_dropout(dh, ws.ddropped, ws.layers[k - 1].mask)
 
-    def _dropout_mask(self, shape):
-        p = self.config["dropout"]
+    def _dropout_mask(self, shape, p):
         keep = self._rng.random(shape, dtype=np.float32) >= p
         return keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
 
@@ -448,7 +496,7 @@ class _Layer:
         self.cs = z(T + 1, B, H) if cell == "lstm" else z(T + 1, 1, 1)
         self.hn = z(T, B, H) if cell == "gru" else z(T, 1, 1)
         self.gates = z(T, B, G * H) if cell != "rnn" else z(T, 1, 1)
-        self.mask = z(T, B, H)      # dropout on this layer's output
+        self.mask = z(T, B, H)      # dropout on this layer's output (between layers, or the top's)
         self.dropped = z(T * B, H)
         self.inp = None
 
@@ -479,10 +527,10 @@ class _Workspace:
             self.dzero_e = zeros(E, dt)
         else:
             self.w_ih0_t = zeros((V, G * H), dt)
-        self.ddropped = zeros((T * B, H), dt) if c["dropout"] > 0 else None
+        self.ddropped = zeros((T * B, H), dt) if c["dropout"] or c["output_dropout"] else None
+        self.top = None  # the decoder's input: the top layer's output, through its dropout
         self.ids = zeros(T * B, np.int32)
         self.targets = zeros(T * B, np.int32)
-        self.dropout_on = False
         self.grad_flat = None
 
     def grads(self, model):
@@ -492,3 +540,38 @@ class _Workspace:
             self.grad_flat = np.zeros_like(model.grads)
             self.grad_views = named_views(model.shapes, self.grad_flat)
         return self.grad_views
+
+
+class _Noise:
+    """A training window's regularisers: dropout masks on the layers'
+    outputs (``between``: one per layer below the top, ``top``: the top
+    layer's; [T or 1, B, H] host arrays, or None when off) and the weights
+    they drop (``dropped``: name -> (mask, masked weights), backend
+    arrays)."""
+
+    def __init__(self, between=None, top=None, dropped=None):
+        self.between, self.top, self.dropped = between, top, dropped or {}
+
+    def streams(self, b):
+        """The same noise for the streams ``b`` of the batch (a shard)."""
+        cut = lambda m: None if m is None else m[:, b]  # noqa: E731
+        return _Noise(None if self.between is None else [cut(m) for m in self.between],
+                      cut(self.top), self.dropped)
+
+    def mask(self, k, layers):
+        """The dropout mask on layer k's output, or None."""
+        if k == layers - 1:
+            return self.top
+        return None if self.between is None else self.between[k]
+
+    def weight(self, weights, name):
+        """The weights the pass uses for parameter ``name``: dropped, or as they are."""
+        return self.dropped[name][1] if name in self.dropped else weights[name]
+
+    def chain(self, K, grads, name):
+        """The gradient of dropped weights, back to the weights: times the mask."""
+        if name in self.dropped:
+            K.apply_dropout(grads[name], grads[name], self.dropped[name][0])
+
+
+_NOISELESS = _Noise()

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import checkpoint as ckpt_io
-from . import corpora, distributed, parallel
+from . import corpora, distributed, parallel, sizing
 from .files import atomic_write
 from .data import IdCache, Vocab, Windows, encode_files, split, worth_caching
 from .errors import CharrnnError
@@ -34,11 +34,16 @@ class TrainConfig:
     """Every training option, with its default (chosen by measurement on Tiny
     Shakespeare, 2 CPU cores: see the README)."""
     cell: str = "lstm"            # lstm | gru | rnn
-    hidden: int = 256             # units per layer
-    layers: int = 2
+    hidden: int = None            # units per layer; None: auto (sizing.choose)
+    layers: int = None            # None: auto
     embed: int = 0                # 0: one-hot input, else embedding size
-    dropout: float = 0.25         # between layers, training only
+    dropout: float = None         # between layers, training only; None: auto
     nonlinearity: str = "tanh"    # rnn only: tanh | relu
+    output_dropout: float = 0.0   # on the top layer's output
+    weight_drop: float = 0.0      # DropConnect on W_hh, one mask per window
+    embed_dropout: float = 0.0    # whole characters of the input, one mask per window
+    locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
+    average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
     seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 50               # B: parallel streams
     lr: float = 2e-3
@@ -50,12 +55,13 @@ class TrainConfig:
     warmup: int = 0               # steps of linear warm-up
     decay: float = 0.5            # step schedule: factor ...
     decay_every: int = 0          # ... every this many steps (0: a third of the budget)
+    decay_start: float = 0.0      # cosine and linear: the share of the budget at the full rate first
     steps: int = None             # budget: whichever of steps/epochs/minutes comes first
     epochs: float = None
     minutes: float = None         # none of the three given: DEFAULT_MINUTES
     val_frac: float = 0.05        # tail share held out for validation
     val_chars: int = 262144       # ... of which each validation scores the first so many, 0 = all
-    eval_every: int = 500         # steps between validations and checkpoints
+    eval_every: object = "auto"   # validations and checkpoints: every N steps, "Ns", "Nm", "Ne" (epochs) or auto
     patience: int = 0             # stop after this many evals without improvement, 0 = off
     out: str = "run"              # run directory
     seed: int = 0
@@ -67,6 +73,7 @@ class TrainConfig:
 
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
+                       "output_dropout", "weight_drop", "embed_dropout", "locked_dropout", "average",
                        "seq_len", "batch", "optimizer", "val_frac", "val_chars", "seed", "bytes")
 
     def __post_init__(self):
@@ -76,15 +83,22 @@ class TrainConfig:
         def need(ok, msg):
             if not ok:
                 raise CharrnnError(msg)
-        for name in ("hidden", "layers", "seq_len", "batch", "eval_every"):
+        for name in ("hidden", "layers", "seq_len", "batch"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a whole number >= 1, not {v!r}")
+            need((v is None and name in ("hidden", "layers")) or isinstance(v, int) and v >= 1,
+                 f"--{name.replace('_', '-')} must be a whole number >= 1, not {v!r}")
         for name in ("embed", "warmup", "patience", "threads", "decay_every", "seed", "val_chars"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} must be a whole number >= 0, not {v!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, not {self.lr}")
         need(0 <= self.clip and math.isfinite(self.clip), f"--clip must be >= 0, not {self.clip}")
         need(0 < self.decay <= 1, f"--decay must be in (0, 1], not {self.decay}")
+        need(0 <= self.decay_start < 1, f"--decay-start must be in [0, 1), not {self.decay_start}")
+        for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "average"):
+            v = getattr(self, name)
+            need((v is None and name == "dropout") or isinstance(v, (int, float)) and 0 <= v < 1,
+                 f"--{name.replace('_', '-')} must be in [0, 1), not {v!r}")
+        Cadence.parse(self.eval_every)
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
         backend(self.device)  # a GPU asked for but missing: say so before reading data
@@ -94,8 +108,58 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")
         need(0 < self.val_frac < 1, f"--val-frac must be in (0, 1), not {self.val_frac}")
-        if self.schedule == "cosine":
-            need(self.steps or self.epochs, "--schedule cosine needs --steps or --epochs to know where to end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How often a run validates and checkpoints: every ``every`` steps,
+    seconds or epochs (``unit``); ``auto`` by the clock also waits ten
+    times as long as the last validation took, so that validating costs
+    at most a tenth of the budget."""
+    every: float
+    unit: str  # "steps" | "seconds" | "epochs"
+    auto: bool = False
+
+    UNITS = {"s": ("seconds", 1), "m": ("seconds", 60), "e": ("epochs", 1)}
+
+    @classmethod
+    def parse(cls, spec):
+        """--eval-every: N (steps), "Ns" / "Nm" (seconds / minutes, the
+        run's clock), "Ne" (epochs, may be a fraction), or "auto" (None:
+        the run decides from its budget, ``for_budget``)."""
+        if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
+            return cls(spec, "steps")
+        text = str(spec).strip().lower()
+        if text == "auto":
+            return None
+        unit, factor = cls.UNITS.get(text[-1:], ("steps", 1))
+        number = text[:-1] if text[-1:] in cls.UNITS else text
+        try:
+            every = float(number) * factor
+        except ValueError:
+            every = math.nan
+        if not (every > 0 and math.isfinite(every)) or (unit == "steps" and every != int(every)):
+            raise CharrnnError(f"--eval-every must be a whole number of steps, or a number followed "
+                               f"by s, m or e (seconds, minutes, epochs), or auto; not {spec!r}")
+        return cls(int(every) if unit == "steps" else every, unit)
+
+    @classmethod
+    def for_budget(cls, max_steps, minutes):
+        """auto: twenty validations over the budget, by steps when it has a
+        step count (the same checkpoints every run), else by the clock,
+        at least every 5 seconds and at most every 5 minutes."""
+        if max_steps:
+            return cls(max(1, round(max_steps / 20)), "steps")
+        return cls(min(300.0, max(5.0, minutes * 60 / 20)), "seconds", auto=True)
+
+    def due(self, step, steps_per_epoch, clock, last_clock, last_cost=0.0):
+        """Whether a validation is due after update number ``step`` (1-based),
+        the run's clock at ``clock`` seconds, the last validation at
+        ``last_clock``, having taken ``last_cost`` seconds."""
+        if self.unit == "seconds":
+            return clock - last_clock >= (max(self.every, 10 * last_cost) if self.auto else self.every)
+        every = self.every if self.unit == "steps" else max(1, round(self.every * steps_per_epoch))
+        return step % every == 0
 
 
 @dataclasses.dataclass
@@ -109,6 +173,7 @@ class Progress:
     loss_sum: float = 0.0         # training losses since the last evaluation ...
     loss_count: int = 0           # ... and how many
     elapsed_s: float = 0.0        # training time before this process
+    last_eval_s: float = 0.0      # the run's clock at the last validation (a cadence in seconds)
     corpus_chars: int = 0         # the corpus it was trained on, as a check on resume
     rng: dict = None              # the dropout masks' generator
 
@@ -119,7 +184,7 @@ class Progress:
             p = cls(**d)
             ok = all(isinstance(v, (int, float)) and not isinstance(v, bool)
                      for v in (p.step, p.best_val, p.bad_evals, p.loss_sum, p.loss_count,
-                               p.elapsed_s, p.corpus_chars)) and isinstance(p.rng, dict)
+                               p.elapsed_s, p.last_eval_s, p.corpus_chars)) and isinstance(p.rng, dict)
         except TypeError:
             ok = False
         if not ok:
@@ -293,32 +358,71 @@ class _Run:
         self.train_windows = self._windows(train_ids, "training")
         self.val_windows = self._windows(val_ids, "validation")
 
-        if saved:
-            self.model = Model.from_checkpoint(saved, device=cfg.device)
-        else:
-            self.model = Model(len(vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
-                               embed=cfg.embed, dropout=cfg.dropout, seed=cfg.seed,
-                               nonlinearity=cfg.nonlinearity, device=cfg.device)
-            self.model.vocab = vocab
-        self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay)
         n = len(self.train_windows)
         budget = [cfg.steps] if cfg.steps else []
         if cfg.epochs:
             budget.append(math.ceil(cfg.epochs * n))
         self.max_steps = min(budget) if budget else None
-        self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup, self.max_steps,
-                                 cfg.decay_every or max(1, (self.max_steps or 3 * n) // 3), cfg.decay)
         self.progress = Progress.from_dict(saved.meta.get("progress")) if saved else \
             Progress(corpus_chars=self.corpus_chars)
+        self.sizing = None
+        if not saved and None in (cfg.hidden, cfg.layers, cfg.dropout):
+            self._auto_size(len(vocab), train_ids.size)
+        if saved:
+            self.model = Model.from_checkpoint(saved, device=cfg.device)
+        else:
+            self.model = Model(len(vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
+                               embed=cfg.embed, dropout=cfg.dropout, seed=cfg.seed,
+                               nonlinearity=cfg.nonlinearity, device=cfg.device,
+                               output_dropout=cfg.output_dropout, weight_drop=cfg.weight_drop,
+                               embed_dropout=cfg.embed_dropout, locked_dropout=cfg.locked_dropout)
+            self.model.vocab = vocab
+        self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay,
+                                       cfg.average)
+        self.cadence = Cadence.parse(cfg.eval_every) or Cadence.for_budget(self.max_steps, cfg.minutes)
+        self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup, cfg.decay_every, cfg.decay,
+                                 decay_start=cfg.decay_start)
         self.elapsed0 = self.progress.elapsed_s
+        self.eval_cost = 0.0  # seconds the last validation took
         self.metrics = saved.meta.get("metrics", []) if saved else []
         self.state = tuple(a[:, self.streams] for a in saved.state) or None if saved else None
-        self.lr = self.schedule.get_lr(self.progress.step)
+        self.lr = self.schedule.get_lr(self.progress.step, self._spent(self.progress.elapsed_s))
         if saved:
             self.opt.load_state_dict(saved.optim)
             self.model.rng_state = self.progress.rng
         self.report = _Reporter(cfg.quiet or not self.lead, self.max_steps, cfg.minutes)
         self._on_lead(self._write_metrics_file)
+
+    def _auto_size(self, vocab_size, train_chars):
+        """Fill in --hidden, --layers and --dropout left to auto (sizing.py),
+        on rank 0, for every rank. Measuring the throughput for a time budget
+        (when the choice needs it) takes a second or two, counted in the
+        run's minutes."""
+        cfg, world = self.cfg, self.world
+        start = time.perf_counter()
+        choice = None
+        if self.lead:
+            def make(hidden, layers):
+                return Model(vocab_size, cell=cfg.cell, hidden=hidden, layers=layers, embed=cfg.embed,
+                             nonlinearity=cfg.nonlinearity, device=cfg.device)
+            measured = []  # measured only if the choice needs it
+
+            def chars_per_second(n):
+                if not measured:
+                    streams = self.streams.stop - self.streams.start
+                    measured.append(sizing.measured_throughput(make, streams, cfg.seq_len))
+                return world.size * measured[0](n)
+            choice = sizing.choose(
+                vocab_size, cfg.cell, train_chars, chars_per_second,
+                seconds=cfg.minutes * 60 if cfg.minutes else None,
+                budget_chars=self.max_steps * cfg.batch * cfg.seq_len if self.max_steps else None,
+                embed=cfg.embed, nonlinearity=cfg.nonlinearity, hidden=cfg.hidden,
+                layers=cfg.layers, dropout=cfg.dropout)
+        choice = world.broadcast(dataclasses.asdict(choice) if choice else None)
+        cfg.hidden, cfg.layers, cfg.dropout = choice["hidden"], choice["layers"], choice["dropout"]
+        self.sizing = choice["why"]
+        if cfg.minutes:
+            self.progress.elapsed_s += world.broadcast(time.perf_counter() - start)
 
     def _corpus(self, vocab):
         """(vocab, ids) of the corpus: ``vocab`` if given (a resume), else the
@@ -364,16 +468,20 @@ class _Run:
         self.report.start(self)
         with _Stop() as stop:
             while True:
-                # every rank stops at the same step: when any is signalled or out of budget
-                interrupted, terminated, spent = self.world.sum(
-                    stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM, self._budget_spent())
+                # every rank stops at the same step, when any is signalled or out of
+                # budget, and goes by rank 0's clock and validation cadence
+                p = self.progress
+                clock = self.elapsed() if self.lead else 0.0
+                due = self.lead and self.cadence.due(p.step + 1, n, clock, p.last_eval_s, self.eval_cost)
+                interrupted, terminated, clock, due = self.world.sum(
+                    stop.signum == signal.SIGINT, stop.signum == signal.SIGTERM, clock, due)
                 if interrupted or terminated:
                     self._save("last")
                     code = 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
                     raise TrainingStopped(
                         f"interrupted at step {self.progress.step}; continue with: charrnn train "
                         f"{' '.join(map(str, self.paths))} --resume {self.out}", code, self.model)
-                if spent:
+                if self._budget_spent(clock):
                     break
                 k = self.progress.step % n
                 if k == 0:
@@ -384,29 +492,35 @@ class _Run:
                 self.world.sum_into(self.model.grads)  # one collective over the flat buffer
                 loss = self.world.sum(total)[0] / x.size
                 self._check_loss(loss)
-                lr = self.schedule.get_lr(self.progress.step)
+                lr = self.schedule.get_lr(self.progress.step, self._spent(clock))
                 self.opt.step(lr, cfg.clip)
                 self.state, self.lr = state, lr
-                self.progress.step += 1
-                self.progress.loss_sum += loss
-                self.progress.loss_count += 1
-                if self.progress.step % cfg.eval_every == 0:
-                    self._eval()
+                p.step += 1
+                p.loss_sum += loss
+                p.loss_count += 1
+                if due:
+                    self._eval(clock)
                 self.report.tick(self, loss)
             if self.progress.loss_count:
-                self._eval()
+                self._eval(clock)
         self.report.finish(self)
+        self.opt.keep_average()  # the model handed back is the one evaluated
         return self.model
 
     def elapsed(self):
         return self.elapsed0 + time.perf_counter() - self.t0
 
-    def _budget_spent(self):
-        if self.max_steps is not None and self.progress.step >= self.max_steps:
-            return True
-        if self.cfg.minutes is not None and self.elapsed() >= self.cfg.minutes * 60:
-            return True
-        return bool(self.cfg.patience) and self.progress.bad_evals >= self.cfg.patience
+    def _spent(self, clock):
+        """The share of the budget used after ``clock`` seconds of the run:
+        of its steps or minutes, whichever is nearer its end."""
+        shares = [self.progress.step / self.max_steps] if self.max_steps else []
+        if self.cfg.minutes is not None:
+            shares.append(clock / (self.cfg.minutes * 60))
+        return max(shares)
+
+    def _budget_spent(self, clock):
+        return self._spent(clock) >= 1 or \
+            bool(self.cfg.patience) and self.progress.bad_evals >= self.cfg.patience
 
     def _check_loss(self, loss):
         if self.progress.first_loss is None:
@@ -420,11 +534,14 @@ class _Run:
                 f"{self.progress.first_loss:.4g}); {kept}; try a lower --lr (now {self.cfg.lr:g}) "
                 f"or a --clip (now {self.cfg.clip:g})", 1)
 
-    def _eval(self):
+    def _eval(self, clock):
         p = self.progress
         now = time.perf_counter()  # the rate covers training, not evaluation
         rate = (p.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
-        val = validation_loss(self.model, self.val_windows, self.world, self.streams, self.part)
+        with self.opt.averaged_weights():
+            val = validation_loss(self.model, self.val_windows, self.world, self.streams, self.part)
+        self.eval_cost = time.perf_counter() - now
+        p.last_eval_s = clock
         row = {"step": p.step, "epoch": round(p.step / len(self.train_windows), 4),
                "train_loss": p.loss_sum / p.loss_count if p.loss_count else None,
                "val_loss": val, "val_bpc": val / LN2, "lr": self.lr,
@@ -439,7 +556,8 @@ class _Run:
         self._on_lead(lambda: self._append_metrics(row))
         self._save("last")
         if improved:
-            self._save("best")
+            with self.opt.averaged_weights():  # best: the weights that scored it
+                self._save("best")
         if self.cfg.plot:
             self._on_lead(lambda: plot_runs([self.out], self.run_dir.curves))
         self.report.eval(self, row, improved)
@@ -508,6 +626,8 @@ class _Reporter:
         if self.quiet:
             return
         m, c = run.model, run.cfg
+        if run.sizing:
+            self._print(f"auto-size: {c.layers}x{c.hidden}, dropout {c.dropout:g}: {run.sizing}")
         self._print(f"charrnn: {c.cell} {c.layers}x{c.hidden}, {m.num_params:,} parameters, "
                     f"vocabulary {len(m.vocab)}, {run.corpus_chars:,} characters "
                     f"({len(run.train_windows)} windows of {c.batch}x{c.seq_len} per epoch), "

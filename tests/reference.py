@@ -38,7 +38,8 @@ def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None
     """Logits [B,T,V] of ids x [B,T] and the final state (h [L,B,H], c [L,B,H]).
 
     ``masks[k]`` [T,B,H] multiplies layer k's output before layer k+1
-    (inverted dropout, already scaled); None means no dropout.
+    reads it, or, for the top layer, before the decoder (inverted dropout,
+    already scaled); None (the list or an entry) means no dropout there.
     """
     B, T = x.shape
     V = params["decoder.weight"].shape[0]
@@ -67,7 +68,7 @@ def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None
             outputs.append(h)
         hs.append(h)
         cs.append(c)
-        if masks is not None and k < layers - 1:
+        if masks is not None and k < len(masks) and masks[k] is not None:
             outputs = [o * masks[k][t] for t, o in enumerate(outputs)]
         inputs = outputs
     logits = np.stack([o @ params["decoder.weight"].T + params["decoder.bias"]
@@ -105,3 +106,38 @@ def finite_difference_grads(f, params, eps=1e-4):
             gflat[i] = (up - down) / (2 * eps)
         grads[name] = g
     return grads
+
+
+def next_noise(m, T, B):
+    """What charrnn model ``m``'s next training pass over B streams of T
+    steps draws, in the order ``Model.rng_state`` documents: the masks on
+    the layers' outputs [T,B,H] (None where off; for ``forward``'s
+    ``masks``) and the masks on weights, by parameter name (``dropped``)."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = m.rng_state
+    c = m.config
+    L, H, V = c["layers"], c["hidden"], c["vocab_size"]
+    steps = 1 if c["locked_dropout"] else T
+
+    def mask(shape, p):
+        return (rng.random(shape, dtype=np.float32) >= p) * (1.0 / (1.0 - p))
+    outputs = [None] * L
+    if c["dropout"]:
+        for k in range(L - 1):
+            outputs[k] = np.broadcast_to(mask((steps, B, H), c["dropout"]), (T, B, H))
+    if c["output_dropout"]:
+        outputs[L - 1] = np.broadcast_to(mask((steps, B, H), c["output_dropout"]), (T, B, H))
+    weights = {}
+    if c["weight_drop"]:
+        for k in range(L):
+            name = f"rnn.weight_hh_l{k}"
+            weights[name] = mask(m.shapes[name], c["weight_drop"])
+    if c["embed_dropout"]:
+        rows = mask((V, 1), c["embed_dropout"])
+        weights["encoder.weight" if c["embed"] else "rnn.weight_ih_l0"] = rows if c["embed"] else rows.T
+    return outputs, weights
+
+
+def dropped(params, weight_masks):
+    """The parameters with the weights' masks applied."""
+    return {k: v * weight_masks[k] if k in weight_masks else v for k, v in params.items()}

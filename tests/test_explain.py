@@ -192,7 +192,7 @@ def test_plot_draws_several_runs_even_one_still_training(tmp_path):
     (tmp_path / "c.txt").write_text(TEXT)
     for name in ("a", "b"):
         charrnn.train(tmp_path / "c.txt", out=tmp_path / name, steps=10, hidden=8, batch=4, seq_len=8,
-                      eval_every=5, quiet=True)
+                      dropout=0.25, eval_every=5, quiet=True)
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write('{"step": 15, "val_lo')  # a line being written by a running training
     for out in ("curves.png", "curves.svg"):

@@ -3,7 +3,9 @@ training shards (batch size x thread count) and sampling ranks.
 
 Hand-picked batch sizes once missed a 27-72% gradient error at B=65 on two
 threads, so these draw the space with hypothesis: cell, layers 1-3, hidden
-size, embedding or one-hot, B 1-140, T 1-20, threads 1-4, dropout 0 or 0.3.
+size, embedding or one-hot, B 1-140, T 1-20, threads 1-4, and each
+regulariser (dropout, output dropout, weight drop, embedding dropout: 0 or
+0.3; locked masks or not).
 The seed is printed in pytest's header (conftest.py); ``--hypothesis-seed=N``
 replays a run.
 """
@@ -28,7 +30,11 @@ def passes(draw):
     return dict(cell=cell, nonlinearity=nl, layers=draw(st.integers(1, 3)),
                 hidden=draw(st.integers(1, 24)), embed=draw(st.sampled_from([None, 4])),
                 # sampled_from draws uniformly: integers() favours small values
-                dropout=draw(st.sampled_from([0.0, 0.3])), B=draw(st.sampled_from(range(1, 141))),
+                dropout=draw(st.sampled_from([0.0, 0.3])),
+                output_dropout=draw(st.sampled_from([0.0, 0.3])),
+                weight_drop=draw(st.sampled_from([0.0, 0.3])),
+                embed_dropout=draw(st.sampled_from([0.0, 0.3])),
+                locked_dropout=draw(st.booleans()), B=draw(st.sampled_from(range(1, 141))),
                 T=draw(st.sampled_from(range(1, 21))), threads=draw(st.integers(1, 4)),
                 seed=draw(st.integers(0, 2 ** 16)))
 
@@ -40,9 +46,13 @@ def _windows(c):
     return [(stream[:, k * T:(k + 1) * T], stream[:, k * T + 1:(k + 1) * T + 1]) for k in (0, 1)]
 
 
+REGULARISERS = ("dropout", "output_dropout", "weight_drop", "embed_dropout", "locked_dropout")
+
+
 def _model(c, dtype):
     return Model(V, cell=c["cell"], hidden=c["hidden"], layers=c["layers"], embed=c["embed"],
-                 dropout=c["dropout"], nonlinearity=c["nonlinearity"], seed=c["seed"], dtype=dtype)
+                 nonlinearity=c["nonlinearity"], seed=c["seed"], dtype=dtype,
+                 **{r: c[r] for r in REGULARISERS if r in c})
 
 
 def _train_two_windows(c, threads, dtype=np.float32):
@@ -81,7 +91,7 @@ def test_every_batch_size_and_thread_count_gives_the_one_shard_gradients():
     # the whole B x threads plane, exhaustively, on a tiny model
     for B in range(1, 141):
         c = dict(cell=CELLS[B % 3][0], nonlinearity="tanh", layers=2, hidden=3, embed=None,
-                 dropout=0.3, B=B, T=3, seed=B)
+                 dropout=0.3, output_dropout=0.3, weight_drop=0.3, embed_dropout=0.3, B=B, T=3, seed=B)
         want_losses, want_grads, _ = _train_two_windows(c, 1)
         for threads in (2, 3, 4):
             losses, grads, _ = _train_two_windows(c, threads)
@@ -94,18 +104,15 @@ def test_every_batch_size_and_thread_count_gives_the_one_shard_gradients():
 @given(passes())
 def test_float64_pass_on_any_shards_equals_the_reference(c):
     (x1, y1), (x2, y2) = _windows(c)
-    L, H, p = c["layers"], c["hidden"], c["dropout"]
+    L = c["layers"]
     with parallel.thread_limit(c["threads"]):
         m = _model(c, np.float64)
         params = m.state_dict()
         _, _, state = m.loss_and_grads(x1, y1)
-        # the masks the model is about to draw: one [T, B, H] per layer below the top
-        rng = np.random.default_rng()
-        rng.bit_generator.state = m.rng_state
-        masks = [(rng.random((c["T"], c["B"], H), dtype=np.float32) >= p) * (1.0 / (1.0 - p))
-                 for _ in range(L - 1)] if p else None
+        masks, weights = ref.next_noise(m, c["T"], c["B"])  # what the model is about to draw
         loss, grads, state2 = m.loss_and_grads(x2, y2, state)
-    f = lambda q: ref.loss(q, x2, y2, c["cell"], L, c["nonlinearity"], state, masks)  # noqa: E731
+    f = lambda q: ref.loss(ref.dropped(q, weights), x2, y2, c["cell"], L,  # noqa: E731
+                           c["nonlinearity"], state, masks)
     want, want_state = f(params)
     assert abs(loss - want) <= 1e-12 * abs(want)
     for got, w in zip(state2, want_state):

@@ -84,6 +84,85 @@ def test_resume_continues_bit_identically(corpus, tmp_path, optimizer):
 
 
 
+REGULARISED = dict(dropout=0.2, output_dropout=0.2, weight_drop=0.3, embed_dropout=0.1,
+                   locked_dropout=True, average=0.99, embed=8)
+
+
+def test_same_seed_gives_the_same_losses_with_every_regulariser_and_the_average(corpus, tmp_path):
+    train(corpus, out=tmp_path / "a", steps=15, **REGULARISED, **TINY)
+    train(corpus, out=tmp_path / "b", steps=15, **REGULARISED, **TINY)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_resume_with_every_regulariser_and_the_average_continues_bit_identically(corpus, tmp_path):
+    opts = dict(TINY, **REGULARISED, schedule="step", decay_every=7)
+    train(corpus, out=tmp_path / "whole", steps=40, **opts)
+    train(corpus, out=tmp_path / "split", steps=20, **opts)
+    train(corpus, resume=tmp_path / "split", steps=40, quiet=True)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    whole = checkpoint.load(tmp_path / "whole", prefer="last", training=True)
+    split = checkpoint.load(tmp_path / "split", prefer="last", training=True)
+    for part in ("params", "optim"):
+        a, b = getattr(whole, part), getattr(split, part)
+        assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), part
+    assert "average" in whole.optim
+
+
+def test_the_best_checkpoint_and_the_returned_model_hold_the_averaged_weights(corpus, tmp_path):
+    model = train(corpus, out=tmp_path, steps=20, average=0.9, **TINY)
+    last = checkpoint.load(tmp_path, prefer="last", training=True)
+    best = checkpoint.load(tmp_path, prefer="best")
+    average = last.optim["average"]
+    assert np.array_equal(model.params, average)
+    assert not np.array_equal(np.concatenate([w.ravel() for w in last.params.values()]), average)
+    if best.meta["progress"]["step"] == last.meta["progress"]["step"]:  # the last evaluation was the best
+        assert np.array_equal(np.concatenate([w.ravel() for w in best.params.values()]), average)
+
+
+def test_validation_scores_the_averaged_weights(corpus, tmp_path):
+    from charrnn.data import Windows, split
+    from charrnn.layout import named_views
+    one_window = TINY["batch"] * TINY["seq_len"] + 1
+    train(corpus, out=tmp_path, steps=5, val_chars=one_window, average=0.9, **TINY)
+    model = charrnn.load(tmp_path / "last.ckpt")
+    average = checkpoint.load(tmp_path, prefer="last", training=True).optim["average"]
+    model.load_state_dict(named_views(model.shapes, average))
+    _, tail = split(model.vocab.encode(corpus.read_text(encoding="utf-8")), 0.05)
+    (x, y), = Windows(tail[:one_window], TINY["batch"], TINY["seq_len"])
+    assert losses(tmp_path)[0][2] == pytest.approx(model.loss(x, y)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("spec,steps", [(7, [7, 14, 21]), ("7", [7, 14, 21]), ("0.05e", None)])
+def test_eval_every_counts_steps_or_epochs(corpus, tmp_path, spec, steps):
+    opts = dict(TINY, eval_every=spec)
+    train(corpus, out=tmp_path, steps=21, **opts)
+    per_epoch = len(charrnn.data.Windows(np.zeros(int(len(corpus.read_text()) * 0.95)), 4, 8))
+    want = steps or list(range(round(per_epoch / 20), 22, round(per_epoch / 20)))
+    assert [s for s, _, _ in losses(tmp_path)] == want + ([] if want[-1] == 21 else [21])
+
+
+def test_eval_every_seconds_follows_the_clock(corpus, tmp_path):
+    train(corpus, out=tmp_path, minutes=0.05, **dict(TINY, eval_every="1s"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    gaps = np.diff([r["elapsed_s"] for r in rows[:-1]])
+    assert len(rows) >= 3 and (gaps >= 0.9).all()  # the clock is read before each step, the row after it
+
+
+def test_auto_cadence_validates_twenty_times_over_a_step_budget(corpus, tmp_path):
+    opts = dict(TINY)
+    del opts["eval_every"]
+    train(corpus, out=tmp_path, steps=60, **opts)
+    assert [s for s, _, _ in losses(tmp_path)] == list(range(3, 61, 3))
+
+
+def test_a_time_budget_decays_the_learning_rate_with_the_clock(corpus, tmp_path):
+    train(corpus, out=tmp_path, minutes=0.05, schedule="linear", **dict(TINY, eval_every="0.5s"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # the rate each row saw: linear in the share of the three seconds spent
+        assert r["lr"] == pytest.approx(2e-3 * (1 - 0.9 * min(1, r["elapsed_s"] / 3.0)), abs=2e-4)
+    assert rows[-1]["lr"] < 4e-4
+
+
 def test_sharded_training_resumes_bit_identically(corpus, tmp_path):
     opts = dict(TINY, batch=8, threads=2, dropout=0.2)
     train(corpus, out=tmp_path / "whole", steps=30, **opts)
@@ -208,7 +287,9 @@ def run_cli(*args):
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--hidden", "0"], "--hidden must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--val-frac", "1.5"], "--val-frac"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--val-chars", "100"], "--val-chars"),
-    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--schedule", "cosine"], "needs --steps"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--eval-every", "10x"], "--eval-every must be"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--weight-drop", "1"], "--weight-drop must be"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--average", "-0.5"], "--average must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--resume", "nowhere"], "no such checkpoint"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "--device cuda: .*(CUDA|cuda)"),
 ])

@@ -48,6 +48,7 @@ CONTRACT = (
     "recurrent_forward", "recurrent_backward",                 # the cells over a window
     "softmax_cross_entropy",                                   # output
     "squared_norm", "adam_update", "rmsprop_update", "adagrad_update", "sgd_update",
+    "average_update",
 )
 
 

@@ -627,6 +627,15 @@ def adagrad_update(p, g, s, lr, eps, wd, scale):
 
 
 @njit(**_JIT)
+def average_update(avg, p, decay):
+    """avg = decay * avg + (1 - decay) * p: the weights' exponential moving
+    average, used for evaluation and sampling (Polyak averaging)."""
+    d = np.float32(decay)
+    for k in range(p.shape[0]):
+        avg[k] = d * avg[k] + (_ONE - d) * p[k]
+
+
+@njit(**_JIT)
 def sgd_update(p, g, buf, lr, momentum, wd, scale):
     """SGD with optional (heavy-ball) momentum, PyTorch's convention."""
     mu, l2, sc, lr32 = np.float32(momentum), np.float32(wd), np.float32(scale), np.float32(lr)

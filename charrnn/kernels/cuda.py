@@ -534,6 +534,19 @@ def sgd_update(p, g, buf, lr, momentum, wd, scale):
     _sgd_kernel[_launch(p.shape[0])](p, g, buf, f32(lr), f32(momentum), f32(wd), f32(scale))
 
 
+@cuda.jit
+def _average_kernel(avg, p, d):
+    k = cuda.grid(1)
+    if k < p.shape[0]:
+        avg[k] = d * avg[k] + (float32(1.0) - d) * p[k]
+
+
+def average_update(avg, p, decay):
+    """avg = decay * avg + (1 - decay) * p: the weights' exponential moving
+    average, used for evaluation and sampling (Polyak averaging)."""
+    _average_kernel[_launch(p.shape[0])](avg, p, np.float32(decay))
+
+
 # ---------------------------------------------------------------- generation
 
 @cuda.jit(device=True)

@@ -69,6 +69,7 @@ def compile_all():
         "_rmsprop_kernel": (a1, a1, a1, a1) + (f4,) * 6,
         "_adagrad_kernel": (a1, a1, a1) + (f4,) * 4,
         "_sgd_kernel": (a1, a1, a1) + (f4,) * 4,
+        "_average_kernel": (a1, a1, f4),
         "_pick_tokens_kernel": (ids, a2, f8, i8, f8, f8[::1]),
     }
     kernels = sorted(k for k in vars(gpu) if k.endswith("_kernel"))

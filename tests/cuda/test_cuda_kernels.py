@@ -241,6 +241,15 @@ def test_three_optimizer_steps_match_cpu(gpu, dev, randn, name):
                   for k, (ds, s) in enumerate(zip(d_state, state))}, STATE_TOL)
 
 
+def test_average_update_matches_cpu(gpu, dev, randn):
+    avg, p = randn(300), randn(300)
+    want = avg.copy()
+    cpu.average_update(want, p, 0.95)
+    got = dev(avg)
+    gpu.average_update(got, dev(p), 0.95)
+    assert_close({"average": rel(got.copy_to_host(), want)})
+
+
 def test_squared_norm_matches_cpu(gpu, dev, randn):
     g = randn(300)  # three blocks of 128, the last partial
     got = gpu.squared_norm(dev(g))

@@ -24,10 +24,10 @@ def windows(seed):
     return [(s[:, k * T:(k + 1) * T], s[:, k * T + 1:(k + 1) * T + 1]) for k in (0, 1)]
 
 
-def model_pair(cell, nonlinearity, embed, dropout=0.0):
+def model_pair(cell, nonlinearity, embed, **regularisers):
     """The same model (same seed) on the CPU and on the GPU."""
     kw = dict(cell=cell, hidden=H, layers=2, embed=embed, nonlinearity=nonlinearity, seed=3,
-              dropout=dropout)
+              **regularisers)
     cpu, gpu = Model(V, **kw), Model(V, **kw, device="cuda")
     assert (cpu.device, gpu.device) == ("cpu", "cuda")
     cpu.vocab = gpu.vocab = Vocab("abcdefg")
@@ -39,10 +39,11 @@ def model_pair(cell, nonlinearity, embed, dropout=0.0):
     ids=["lstm_onehot", "gru_embed", "rnn_tanh_onehot", "rnn_relu_embed"])
 def test_losses_gradients_and_adam_steps_match_the_cpu(cell, nonlinearity, embed):
     """Loss and every gradient over three windows, the state carried and
-    dropout on, with a clipped Adam step after each (so the later windows see
-    updated weights); then the weights."""
-    cpu, gpu = model_pair(cell, nonlinearity, embed, dropout=0.3)
-    opts = [Optimizer.for_model(m, "adam") for m in (cpu, gpu)]
+    every regulariser on, with a clipped Adam step after each (so the later
+    windows see updated weights); then the weights and their average."""
+    cpu, gpu = model_pair(cell, nonlinearity, embed, dropout=0.3, output_dropout=0.2, weight_drop=0.3,
+                          embed_dropout=0.2, locked_dropout=cell != "lstm")
+    opts = [Optimizer.for_model(m, "adam", average=0.9) for m in (cpu, gpu)]
     errors, states = {}, [None, None]
     for w, (x, y) in enumerate(windows(0) + windows(1)[:1]):
         (lc, gc, sc), (lg, gg, sg) = [m.loss_and_grads(x, y, st) for m, st in zip((cpu, gpu), states)]
@@ -53,6 +54,7 @@ def test_losses_gradients_and_adam_steps_match_the_cpu(cell, nonlinearity, embed
             opt.step(0.01, clip=1.0)
     want = cpu.state_dict()
     errors.update({f"weight {k}": rel(w, want[k]) for k, w in gpu.state_dict().items()})
+    errors["average"] = rel(opts[1].state_dict()["average"], opts[0].state_dict()["average"])
     assert max(errors.values()) < TOL, errors
 
 

@@ -1,0 +1,120 @@
+"""``--hidden``, ``--layers`` and ``--dropout`` auto: the model for a corpus
+and a budget.
+
+Two limits decide the size, and the smaller wins:
+
+- the data: about as many parameters as the training split has characters
+  (char-rnn's rule of thumb); a bigger model only memorises a small corpus;
+- the compute: the characters the budget will show the model (steps x B x T,
+  or the measured throughput x the minutes) should be at least
+  ``CHARS_PER_PARAM`` per parameter; a bigger model would stop before it had
+  learnt what its size could hold.
+
+The layers are 2, or 3 once 2 layers would be wider than ``WIDE``. Dropout
+follows the passes over the data the budget allows (``dropout_for``): none
+for a single pass, rising to ``MAX_DROPOUT`` for many.
+"""
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from .layout import model_config, param_shapes
+
+CHARS_PER_PARAM = 16    # the compute limit (measured: README, "Auto-sizing")
+PARAMS_PER_CHAR = 1.0   # the data limit
+WIDE = 512              # wider than this with 2 layers: 3 layers instead
+MIN_HIDDEN, MAX_HIDDEN, STEP = 32, 2048, 32
+MAX_DROPOUT = 0.5
+PROBE_HIDDEN = (128, 384)  # the sizes whose throughput is measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    hidden: int
+    layers: int
+    dropout: float
+    why: str  # one line: what the choice came from
+
+
+def parameters(vocab_size, cell, hidden, layers, embed=0, nonlinearity="tanh"):
+    """The parameter count of a model."""
+    config = model_config(vocab_size, cell, hidden, layers, embed or None, nonlinearity=nonlinearity)
+    return sum(int(np.prod(s)) for s in param_shapes(config).values())
+
+
+def dropout_for(epochs):
+    """Dropout for a budget of ``epochs`` passes over the training split:
+    0 for at most one pass (nothing is seen twice), then rising with the
+    logarithm of the passes: 0.25 at 16, ``MAX_DROPOUT`` from 256."""
+    if epochs <= 1:
+        return 0.0
+    return round(min(MAX_DROPOUT, 0.0625 * math.log2(epochs)), 2)
+
+
+def choose(vocab_size, cell, train_chars, chars_per_second, seconds=None, budget_chars=None,
+           embed=0, nonlinearity="tanh", hidden=None, layers=None, dropout=None):
+    """The model for ``train_chars`` characters of training data and a
+    budget of ``budget_chars`` characters (a step or epoch budget) and/or
+    ``seconds`` (a time budget), at ``chars_per_second(parameters)``
+    training characters per second (only called for a time budget).
+    ``hidden``, ``layers``, ``dropout``: given values, kept as they are."""
+    def shape(h):
+        return h, layers or (2 if h <= WIDE else 3)
+
+    def n_params(h):
+        return parameters(vocab_size, cell, *shape(h), embed, nonlinearity)
+
+    def shown(h):  # characters the budget shows a model of this size
+        by_time = chars_per_second(n_params(h)) * seconds if seconds else math.inf
+        return min(by_time, budget_chars or math.inf)
+
+    why = []
+    if hidden is None:
+        data_limit = PARAMS_PER_CHAR * train_chars
+        h = MIN_HIDDEN
+        for cand in range(MIN_HIDDEN, MAX_HIDDEN + 1, STEP):
+            n = n_params(cand)
+            if n > data_limit or shown(cand) < CHARS_PER_PARAM * n:
+                break
+            h = cand
+        n = n_params(h)
+        limit = "data" if n_params(min(h + STEP, MAX_HIDDEN)) > data_limit else "compute"
+        why.append(f"{n:,} parameters for {train_chars:,} training characters and "
+                   f"{_short(shown(h))} characters in the budget ({limit} limit)")
+    else:
+        h = hidden
+    if dropout is None:
+        epochs = shown(h) / max(1, train_chars)
+        dropout = dropout_for(epochs)
+        why.append(f"dropout {dropout:g} for {epochs:.1f} passes over the data")
+    return Choice(*shape(h), dropout, "; ".join(why))
+
+
+def _short(n):
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def measured_throughput(make_model, batch, seq_len, windows=3):
+    """``chars_per_second(parameters)`` for ``choose``: training characters
+    per second, from timing ``windows`` training passes of a 2-layer model
+    at each of ``PROBE_HIDDEN`` (after one untimed), with the cost per
+    character a + b * parameters in between and beyond.
+    ``make_model(hidden, layers)`` builds a model of that size."""
+    points = []
+    for h in PROBE_HIDDEN:
+        model = make_model(h, 2)
+        x = np.random.default_rng(0).integers(0, model.config["vocab_size"], (batch, seq_len + 1))
+        model.window(x[:, :-1], x[:, 1:], train=True)
+        start = time.perf_counter()
+        for _ in range(windows):
+            model.window(x[:, :-1], x[:, 1:], train=True)
+        points.append((model.num_params, (time.perf_counter() - start) / (windows * batch * seq_len)))
+    (n0, s0), (n1, s1) = points
+    slope = max(0.0, (s1 - s0) / (n1 - n0))
+    intercept = max(s0 - slope * n0, 1e-12)
+    return lambda n: 1.0 / (intercept + slope * n)
