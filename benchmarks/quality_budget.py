@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # char-rnn's recipe on charrnn; "EVAL" becomes "<eval-seconds>s". Turn off here
 # every regulariser or schedule that charrnn's defaults switch on.
 CHARRNN_RECIPE = ["--hidden", "128", "--layers", "2", "--dropout", "0", "--schedule", "constant",
-                  "--eval-every", "EVAL"]
+                  "--lr", "0.002", "--eval-every", "EVAL"]
 # The flags every charrnn run gets: the validation protocol (0 = score the whole tail).
 CHARRNN_PROTOCOL = ["--val-chars", "0", "--quiet"]
 PEER_CHARRNN_RECIPE = ["--hidden", "128", "--layers", "2", "--dropout", "0"]
@@ -65,9 +65,10 @@ def summarise(name, curve, steps, chars_per_s, cmd):
 
 def run_charrnn(name, a, extra):
     with tempfile.TemporaryDirectory(prefix="charrnn-budget-") as tmp:
-        out = Path(tmp) / "run"
+        out = Path(a.keep) / name if a.keep else Path(tmp) / "run"
         cmd = charrnn_command() + ["train", a.corpus, "--minutes", str(a.minutes), "--val-frac",
-                                   str(a.val_frac), *CHARRNN_PROTOCOL, "--out", str(out), *extra]
+                                   str(a.val_frac), *CHARRNN_PROTOCOL, "--out", str(out), "--overwrite",
+                                   *extra]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -130,6 +131,9 @@ def main():
     p.add_argument("--eval-seconds", type=float, default=None,
                    help="evaluation cadence of the recipe and peer runs (default: minutes*60/20, at least 10)")
     p.add_argument("--json", default=None, help="also append each run's JSON line to this file")
+    p.add_argument("--keep", default=None,
+                   help="keep charrnn's run directories in this directory (KEEP/<run name>), "
+                        "for charrnn plot, sample or eval")
     p.add_argument("--threads", type=int, default=0, help="passed to both (0: their defaults)")
     a = p.parse_args()
     if a.eval_seconds is None:

@@ -20,7 +20,7 @@ from .layout import check_memory, model_config, param_shapes
 from .optim import OPTIMIZERS, optimizer_slots
 
 FORMAT = "charrnn-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the regularisers in the model configuration, the weights' average in optim/
 SUFFIX = ".ckpt"
 
 

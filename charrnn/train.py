@@ -46,16 +46,16 @@ class TrainConfig:
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
     seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 50               # B: parallel streams
-    lr: float = 2e-3
+    lr: float = 6e-3
     optimizer: str = "adam"       # adam | adamw | rmsprop | adagrad | sgd
     momentum: float = 0.0         # rmsprop and sgd
     weight_decay: float = 0.0
     clip: float = 5.0             # global gradient-norm clip, 0 = off
-    schedule: str = "constant"    # constant | cosine | step
+    schedule: str = "linear"      # constant | cosine | linear | step
     warmup: int = 0               # steps of linear warm-up
     decay: float = 0.5            # step schedule: factor ...
     decay_every: int = 0          # ... every this many steps (0: a third of the budget)
-    decay_start: float = 0.0      # cosine and linear: the share of the budget at the full rate first
+    decay_start: float = 0.5      # cosine and linear: the share of the budget at the full rate first
     steps: int = None             # budget: whichever of steps/epochs/minutes comes first
     epochs: float = None
     minutes: float = None         # none of the three given: DEFAULT_MINUTES

@@ -118,6 +118,16 @@ def test_an_impossible_model_configuration_is_refused(good, tmp_path):
     refused(crafted(tmp_path, good, **{"meta.npy": npy(raw)}), "hidden must be an integer")
 
 
+def test_a_version_1_checkpoint_without_the_regularisers_still_loads(good, tmp_path):
+    meta = json.loads(np.load(io.BytesIO(good["meta.npy"])).tobytes())
+    meta["version"] = 1
+    for key in ("output_dropout", "weight_drop", "embed_dropout", "locked_dropout"):
+        del meta["model"][key]
+    raw = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    m = Model.from_checkpoint(checkpoint.load(crafted(tmp_path, good, **{"meta.npy": npy(raw)})))
+    assert m.config["weight_drop"] == 0.0 and m.sample(5, seed=0)
+
+
 def test_oversized_metadata_is_refused(good, tmp_path):
     big = npy(header={"descr": "|u1", "fortran_order": False, "shape": (1 << 30,)})
     refused(crafted(tmp_path, good, **{"meta.npy": big}), r"meta has shape")

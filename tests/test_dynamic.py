@@ -59,25 +59,27 @@ def test_impossible_settings_are_clear_errors(model, kwargs, match):
         dynamic_score(model, TEXT, **kwargs)
 
 
-def test_cli_eval_dynamic_reports_apart(tmp_path):
-    corpus = tmp_path / "c.txt"
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained run directory and its corpus."""
+    d = tmp_path_factory.mktemp("dynamic")
+    corpus = d / "c.txt"
     corpus.write_text(TEXT)
-    charrnn.train(corpus, out=tmp_path / "run", steps=5, hidden=16, batch=4, seq_len=8, eval_every=5,
+    charrnn.train(corpus, out=d / "run", steps=5, hidden=16, batch=4, seq_len=8, eval_every=5,
                   quiet=True)
-    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), str(corpus), "--dynamic", "--json"])
+    return str(d / "run"), str(corpus)
+
+
+def test_cli_eval_dynamic_reports_apart(run):
+    r = CliRunner().invoke(main, ["eval", *run, "--dynamic", "--json"])
     assert r.exit_code == 0, r.output
     row = json.loads(r.output)
     assert row["dynamic"] is True and row["chars"] == len(TEXT) - 1
-    plain = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), str(corpus)])
-    assert "dynamic" not in plain.output
-    text = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), str(corpus), "--dynamic"])
+    assert "dynamic" not in CliRunner().invoke(main, ["eval", *run]).output
+    text = CliRunner().invoke(main, ["eval", *run, "--dynamic"])
     assert text.output.rstrip().endswith("(dynamic evaluation)")
 
 
-def test_cli_dynamic_options_need_dynamic(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(TEXT)
-    charrnn.train(corpus, out=tmp_path / "run", steps=3, hidden=8, batch=4, seq_len=8, eval_every=3,
-                  quiet=True)
-    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), str(corpus), "--dynamic-lr", "0.1"])
+def test_cli_dynamic_options_need_dynamic(run):
+    r = CliRunner().invoke(main, ["eval", *run, "--dynamic-lr", "0.1"])
     assert r.exit_code == 1 and "go with --dynamic" in r.output

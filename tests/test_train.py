@@ -156,7 +156,8 @@ def test_auto_cadence_validates_twenty_times_over_a_step_budget(corpus, tmp_path
 
 
 def test_a_time_budget_decays_the_learning_rate_with_the_clock(corpus, tmp_path):
-    train(corpus, out=tmp_path, minutes=0.05, schedule="linear", **dict(TINY, eval_every="0.5s"))
+    train(corpus, out=tmp_path, minutes=0.05, schedule="linear", lr=2e-3, decay_start=0.0,
+          **dict(TINY, eval_every="0.5s"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # the rate each row saw: linear in the share of the three seconds spent
         assert r["lr"] == pytest.approx(2e-3 * (1 - 0.9 * min(1, r["elapsed_s"] / 3.0)), abs=2e-4)
