@@ -39,8 +39,8 @@ class TrainConfig:
     embed: int = 0                # 0: one-hot input, else embedding size
     dropout: float = None         # between layers, training only; None: auto
     nonlinearity: str = "tanh"    # rnn only: tanh | relu
-    output_dropout: float = 0.0   # on the top layer's output
-    weight_drop: float = 0.0      # DropConnect on W_hh, one mask per window
+    output_dropout: float = None  # on the top layer's output; None: auto
+    weight_drop: float = None     # DropConnect on W_hh, one mask per window; None: auto
     embed_dropout: float = 0.0    # whole characters of the input, one mask per window
     locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
@@ -96,7 +96,7 @@ class TrainConfig:
         need(0 <= self.decay_start < 1, f"--decay-start must be in [0, 1), not {self.decay_start}")
         for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "average"):
             v = getattr(self, name)
-            need((v is None and name == "dropout") or isinstance(v, (int, float)) and 0 <= v < 1,
+            need((v is None and name != "average") or isinstance(v, (int, float)) and 0 <= v < 1,
                  f"--{name.replace('_', '-')} must be in [0, 1), not {v!r}")
         Cadence.parse(self.eval_every)
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
@@ -366,7 +366,8 @@ class _Run:
         self.progress = Progress.from_dict(saved.meta.get("progress")) if saved else \
             Progress(corpus_chars=self.corpus_chars)
         self.sizing = None
-        if not saved and None in (cfg.hidden, cfg.layers, cfg.dropout):
+        if not saved and None in (cfg.hidden, cfg.layers, cfg.dropout, cfg.weight_drop,
+                                  cfg.output_dropout):
             self._auto_size(len(vocab), train_ids.size)
         if saved:
             self.model = Model.from_checkpoint(saved, device=cfg.device)
@@ -394,7 +395,8 @@ class _Run:
         self._on_lead(self._write_metrics_file)
 
     def _auto_size(self, vocab_size, train_chars):
-        """Fill in --hidden, --layers and --dropout left to auto (sizing.py),
+        """Fill in --hidden, --layers, --dropout, --weight-drop and
+        --output-dropout left to auto (sizing.py),
         on rank 0, for every rank. Measuring the throughput for a time budget
         (when the choice needs it) takes a second or two, counted in the
         run's minutes."""
@@ -417,9 +419,11 @@ class _Run:
                 seconds=cfg.minutes * 60 if cfg.minutes else None,
                 budget_chars=self.max_steps * cfg.batch * cfg.seq_len if self.max_steps else None,
                 embed=cfg.embed, nonlinearity=cfg.nonlinearity, hidden=cfg.hidden,
-                layers=cfg.layers, dropout=cfg.dropout)
+                layers=cfg.layers, dropout=cfg.dropout, weight_drop=cfg.weight_drop,
+                output_dropout=cfg.output_dropout)
         choice = world.broadcast(dataclasses.asdict(choice) if choice else None)
-        cfg.hidden, cfg.layers, cfg.dropout = choice["hidden"], choice["layers"], choice["dropout"]
+        for name in ("hidden", "layers", "dropout", "weight_drop", "output_dropout"):
+            setattr(cfg, name, choice[name])
         self.sizing = choice["why"]
         if cfg.minutes:
             self.progress.elapsed_s += world.broadcast(time.perf_counter() - start)
@@ -627,7 +631,7 @@ class _Reporter:
             return
         m, c = run.model, run.cfg
         if run.sizing:
-            self._print(f"auto-size: {c.layers}x{c.hidden}, dropout {c.dropout:g}: {run.sizing}")
+            self._print(f"auto-size: {c.layers}x{c.hidden}: {run.sizing}")
         self._print(f"charrnn: {c.cell} {c.layers}x{c.hidden}, {m.num_params:,} parameters, "
                     f"vocabulary {len(m.vocab)}, {run.corpus_chars:,} characters "
                     f"({len(run.train_windows)} windows of {c.batch}x{c.seq_len} per epoch), "

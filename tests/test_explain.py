@@ -200,7 +200,7 @@ def test_plot_draws_several_runs_even_one_still_training(tmp_path):
                                       "-o", str(tmp_path / out)])
         assert r.exit_code == 0, r.output
         assert (tmp_path / out).stat().st_size > 1000
-    assert "lstm 2x8, dropout 0.25, lr 0.002" in E_label(tmp_path / "a")
+    assert "lstm 2x8, dropout 0.25, lr 0.006" in E_label(tmp_path / "a")
 
 
 def E_label(run):

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import charrnn
+from charrnn import checkpoint
 import reference as ref
 from charrnn import CharrnnError, Model, Vocab
 from charrnn.cli import main
@@ -274,7 +275,7 @@ def test_cli_eval_json(saved, tmp_path):
 
 def test_cli_info_json(saved):
     d = json.loads(cli("info", saved, "--json").output)
-    assert d["step"] == 10 and d["format_version"] == 1 and d["cell"] == "lstm"
+    assert d["step"] == 10 and d["format_version"] == checkpoint.VERSION and d["cell"] == "lstm"
     assert d["vocab_size"] == len(Vocab(TEXT)) and d["parameters"] > 0
 
 

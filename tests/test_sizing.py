@@ -71,6 +71,16 @@ def test_dropout_rises_with_the_passes_over_the_data_from_none_for_one(a, b):
     assert sizing.dropout_for(min(few, 1.0)) == 0
 
 
+@settings(max_examples=300, deadline=None)
+@given(corpora, budgets)
+def test_weight_drop_and_output_dropout_join_the_dropout_from_heavy_passes(train_chars, seconds):
+    c = choose(train_chars, seconds)
+    passes = per_param(sizing.parameters(V, "lstm", c.hidden, c.layers)) * seconds / train_chars
+    assert c.dropout == sizing.dropout_for(passes)
+    heavy = c.dropout if passes >= sizing.HEAVY_PASSES else 0.0
+    assert c.weight_drop == c.output_dropout == heavy
+
+
 def test_the_dropout_curve_passes_its_anchors():
     assert sizing.dropout_for(16) == 0.25 and sizing.dropout_for(256) == sizing.MAX_DROPOUT
 
@@ -83,8 +93,9 @@ def test_a_step_budget_needs_no_throughput():
 
 
 def test_given_values_are_kept():
-    c = choose(100_000, 600, hidden=700, layers=1, dropout=0.1)
-    assert (c.hidden, c.layers, c.dropout) == (700, 1, 0.1) and c.why == ""
+    c = choose(100_000, 600, hidden=700, layers=1, dropout=0.1, weight_drop=0.2, output_dropout=0.3)
+    assert (c.hidden, c.layers, c.dropout, c.weight_drop, c.output_dropout) == (700, 1, 0.1, 0.2, 0.3)
+    assert c.why == ""
 
 
 def test_the_reason_names_the_limit_and_the_passes():
@@ -117,8 +128,8 @@ def test_training_fills_in_auto_and_says_why(corpus, tmp_path, capsys):
     assert saved["step"] == 3
     c = sizing.choose(model.config["vocab_size"], "lstm", model_config_chars(corpus), None,
                       budget_chars=6 * 4 * 8)
-    assert (model.config["hidden"], model.config["layers"], model.config["dropout"]) == \
-        (c.hidden, c.layers, c.dropout)
+    got = {k: model.config[k] for k in ("hidden", "layers", "dropout", "weight_drop", "output_dropout")}
+    assert got == {k: getattr(c, k) for k in got}
 
 
 def model_config_chars(corpus):
@@ -128,7 +139,7 @@ def model_config_chars(corpus):
 
 def test_an_explicit_size_skips_the_choice(corpus, tmp_path, capsys):
     model = train(corpus, out=tmp_path, steps=3, batch=4, seq_len=8, hidden=12, layers=1,
-                  dropout=0.1, eval_every=3)
+                  dropout=0.1, weight_drop=0.0, output_dropout=0.0, eval_every=3)
     assert "auto-size" not in capsys.readouterr().err
     assert (model.config["hidden"], model.config["layers"], model.config["dropout"]) == (12, 1, 0.1)
 

@@ -72,8 +72,8 @@ def test_same_seed_gives_the_same_losses(corpus, tmp_path):
 def test_resume_continues_bit_identically(corpus, tmp_path, optimizer):
     # dropout exercises the RNG state; 40 steps cross an epoch border; the step
     # schedule has a fixed period (a cosine spans the budget, which resuming extends)
-    opts = dict(TINY, dropout=0.2, optimizer=optimizer, momentum=0.5 if optimizer == "rmsprop" else 0.0,
-                schedule="step", decay_every=7, warmup=3)
+    opts = dict(TINY, dropout=0.2, weight_drop=0.0, output_dropout=0.0, optimizer=optimizer,
+                momentum=0.5 if optimizer == "rmsprop" else 0.0, schedule="step", decay_every=7, warmup=3)
     train(corpus, out=tmp_path / "whole", steps=40, **opts)
     train(corpus, out=tmp_path / "split", steps=20, **opts)
     train(corpus, resume=tmp_path / "split", steps=40, quiet=True)
@@ -165,7 +165,9 @@ def test_a_time_budget_decays_the_learning_rate_with_the_clock(corpus, tmp_path)
 
 
 def test_sharded_training_resumes_bit_identically(corpus, tmp_path):
-    opts = dict(TINY, batch=8, threads=2, dropout=0.2)
+    # a constant rate: a linear or cosine schedule spans the budget, which resuming extends
+    opts = dict(TINY, batch=8, threads=2, dropout=0.2, weight_drop=0.0, output_dropout=0.0,
+                schedule="constant")
     train(corpus, out=tmp_path / "whole", steps=30, **opts)
     with parallel.thread_limit(2):
         assert parallel.shard_cuts(opts["batch"]) == [0, 4, 8]  # two shards ran
@@ -317,7 +319,9 @@ def test_quiet_prints_nothing(corpus, tmp_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_last_and_resume_matches_an_uninterrupted_run(corpus, tmp_path, sig, code):
-    args = ["--hidden", 16, "--batch", 4, "--seq-len", 8, "--eval-every", 5, "--dropout", 0.2]
+    # a constant rate and set regularisers: the resume extends the budget they would follow
+    args = ["--hidden", 16, "--batch", 4, "--seq-len", 8, "--eval-every", 5, "--dropout", 0.2,
+            "--weight-drop", 0, "--output-dropout", 0, "--schedule", "constant"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", str(corpus), "--out",
                              str(tmp_path / "run"), "--steps", "100000", *map(str, args)],
