@@ -9,9 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 import charrnn
-from charrnn import checkpoint
 import reference as ref
-from charrnn import CharrnnError, Model, Vocab
+from charrnn import CharrnnError, Model, Vocab, checkpoint
 from charrnn.cli import main
 from charrnn.kernels import cpu as K
 from charrnn.parallel import cache_aligned, run_ranks, sampling_ranks
