@@ -240,9 +240,9 @@ def _write(text):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--dynamic", is_flag=True,
               help="Dynamic evaluation: the model keeps learning from the text as it reads it.")
-@click.option("--dynamic-lr", type=float, default=None, help="Its SGD learning rate (default 0.01).")
+@click.option("--dynamic-lr", type=float, default=None, help="Its SGD learning rate (default 0.03).")
 @click.option("--dynamic-decay", type=float, default=None,
-              help="Its pull back toward the trained weights per update (default 0.01).")
+              help="Its pull back toward the trained weights per update (default 0.001).")
 @_threads_option
 @_device_option
 @_one_line_errors

@@ -425,8 +425,9 @@ class _Run:
         for name in ("hidden", "layers", "dropout", "weight_drop", "output_dropout"):
             setattr(cfg, name, choice[name])
         self.sizing = choice["why"]
-        if cfg.minutes:
+        if cfg.minutes:  # the probe's seconds count; the first validation is a cadence away
             self.progress.elapsed_s += world.broadcast(time.perf_counter() - start)
+            self.progress.last_eval_s = self.progress.elapsed_s
 
     def _corpus(self, vocab):
         """(vocab, ids) of the corpus: ``vocab`` if given (a resume), else the
