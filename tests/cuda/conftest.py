@@ -17,6 +17,7 @@ sets ``USES_SIMULATOR = False``.
 """
 import os
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -36,6 +37,35 @@ def _fence_the_simulator(cuda):
     cuda.is_available = lambda: _running_here[0] and is_available()
 
 
+def _make_shared_arrays_atomic():
+    """The simulator keeps one array per ``cuda.shared.array`` call site and
+    block, made by the first thread to get there; but it checks and stores
+    without a lock (numba-cuda 0.30, simulator/kernelapi.py FakeCUDAShared),
+    so two threads of a block can both find none and make one each, and then
+    one of them fills a tile nobody else reads: the block computes with
+    uninitialised memory (seen here: a GEMM off by 1e26, a clipping norm
+    that made the CUDA model test fail about once in five runs). Here the
+    same lookup runs under a lock, keyed as the simulator keys it (the
+    caller's file and line), with the dynamic (size 0) case left to it."""
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+    simulators_array, lock = kernelapi.FakeCUDAShared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:
+            return simulators_array(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        site = caller.f_code.co_filename, caller.f_lineno
+        with lock:
+            if site not in self._allocations:
+                self._allocations[site] = np.empty(shape, dtype)
+            return self._allocations[site]
+    kernelapi.FakeCUDAShared.array = array
+
+
 def _simulator_problem():
     """None when numba-cuda's simulator runs charrnn's CUDA kernels, else why not."""
     from numba.core import config
@@ -47,6 +77,7 @@ def _simulator_problem():
     except ImportError as e:
         return f"numba-cuda is not installed: pip install numba-cuda ({e})"
     _fence_the_simulator(cuda)
+    _make_shared_arrays_atomic()
     if getattr(cuda, "implementation", "Built-in") != "NVIDIA":
         return ("numba-cuda is not installed (numba.cuda is numba's deprecated built-in "
                 "target): pip install numba-cuda")
