@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from charrnn.corpora import builtin_names, builtin_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # char-rnn's recipe on charrnn; "EVAL" becomes "<eval-seconds>s". Turn off here
@@ -122,7 +124,7 @@ def print_table(results, minutes):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("corpus")
+    p.add_argument("corpus", help="a text file, or a built-in corpus name (builtin, pystdlib-small)")
     p.add_argument("--minutes", type=float, required=True, help="wall clock per run")
     p.add_argument("--torch-python", default=None,
                    help="a Python with torch, for the peer (default: this one, if it has torch)")
@@ -139,6 +141,8 @@ def main():
     a = p.parse_args()
     if a.eval_seconds is None:
         a.eval_seconds = max(10.0, a.minutes * 60 / 20)
+    if a.corpus in builtin_names():  # the peer reads files: give both the assembled text
+        a.corpus = str(builtin_path(a.corpus))
     if a.torch_python is None and has_torch(sys.executable):
         a.torch_python = sys.executable
     results = {}
