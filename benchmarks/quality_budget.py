@@ -27,9 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from charrnn.corpora import builtin_names, builtin_path
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # charrnn from this checkout when it is not installed
+
+from charrnn.corpora import builtin_names, builtin_path  # noqa: E402
 
 # char-rnn's recipe on charrnn; "EVAL" becomes "<eval-seconds>s". Turn off here
 # every regulariser or schedule that charrnn's defaults switch on.
