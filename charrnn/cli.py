@@ -117,6 +117,8 @@ def _train_options(f):
         click.option("--lr", type=float, default=D.lr, show_default=True, help="Learning rate."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True),
         click.option("--momentum", type=float, default=D.momentum, show_default=True, help="For rmsprop and sgd."),
+        click.option("--beta2", type=float, default=D.beta2, show_default=True,
+                     help="For adam and adamw: the decay of the squared gradients' average."),
         click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True),
         click.option("--clip", type=float, default=D.clip, show_default=True, help="Global gradient-norm clip; 0 = off."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True),
@@ -127,6 +129,8 @@ def _train_options(f):
         click.option("--decay-start", type=float, default=D.decay_start, show_default=True,
                      help="Cosine and linear schedules: the share of the budget (steps, epochs or "
                           "minutes) at the full rate before the decay."),
+        click.option("--lr-end", type=float, default=D.lr_end, show_default=True,
+                     help="Cosine and linear schedules: the rate at the budget's end, as a share of --lr."),
         click.option("--steps", type=int, default=D.steps, help="Budget: updates (counted from step 0 of the run)."),
         click.option("--epochs", type=float, default=D.epochs, help="Budget: passes over the training split."),
         click.option("--minutes", type=float, default=D.minutes,

@@ -27,8 +27,8 @@ class Optimizer:
     (both the model's flat float32 buffers, on the host or, with the CUDA
     ``kernels``, on the device) in one fused kernel call.
 
-    Hyper-parameters follow PyTorch's defaults: Adam betas (0.9, 0.999),
-    eps 1e-8; RMSprop alpha 0.99, eps 1e-8; Adagrad eps 1e-10.
+    Hyper-parameters follow PyTorch's defaults: Adam betas (0.9, ``beta2``
+    0.999), eps 1e-8; RMSprop alpha 0.99, eps 1e-8; Adagrad eps 1e-10.
 
     ``average`` > 0 keeps an exponential moving average of the weights
     after each update, with that decay (warmed up as min(average,
@@ -37,7 +37,7 @@ class Optimizer:
     """
 
     def __init__(self, name, params, grads, momentum=0.0, weight_decay=0.0, kernels=K,
-                 average=0.0):
+                 average=0.0, beta2=0.999):
         if name not in OPTIMIZERS:
             raise CharrnnError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
         if momentum < 0 or momentum >= 1:
@@ -46,9 +46,11 @@ class Optimizer:
             raise CharrnnError(f"weight decay must be >= 0, not {weight_decay}")
         if not 0 <= average < 1:
             raise CharrnnError(f"the weights' average decay must be in [0, 1), not {average}")
+        if not 0 <= beta2 < 1:
+            raise CharrnnError(f"Adam's beta2 must be in [0, 1), not {beta2}")
         self.name, self.params, self.grads, self.backend = name, params, grads, kernels
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
-        self.average = float(average)
+        self.average, self.beta2 = float(average), float(beta2)
         self.step_count = 0
         self.state = {k: kernels.zeros(params.shape, params.dtype)
                       for k in optimizer_slots(name, average)}
@@ -56,9 +58,11 @@ class Optimizer:
             kernels.put(self.state["average"], kernels.get(params))
 
     @classmethod
-    def for_model(cls, model, name="adam", momentum=0.0, weight_decay=0.0, average=0.0):
+    def for_model(cls, model, name="adam", momentum=0.0, weight_decay=0.0, average=0.0,
+                  beta2=0.999):
         """An optimizer of ``model``'s parameters, on the model's device."""
-        return cls(name, model.params, model.grads, momentum, weight_decay, model.backend, average)
+        return cls(name, model.params, model.grads, momentum, weight_decay, model.backend, average,
+                   beta2)
 
     def step(self, lr, clip=0.0):
         """Apply one update with learning rate ``lr``; with ``clip`` > 0 the
@@ -70,7 +74,7 @@ class Optimizer:
         self.step_count += 1
         p, g, s, wd = self.params, self.grads, self.state, self.weight_decay
         if self.name in ("adam", "adamw"):
-            K.adam_update(p, g, s["m"], s["v"], lr, 0.9, 0.999, 1e-8, wd,
+            K.adam_update(p, g, s["m"], s["v"], lr, 0.9, self.beta2, 1e-8, wd,
                           self.name == "adamw", self.step_count, scale)
         elif self.name == "rmsprop":
             K.rmsprop_update(p, g, s["v"], s["buf"], lr, 0.99, 1e-8, wd, self.momentum, scale)

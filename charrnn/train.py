@@ -48,6 +48,7 @@ class TrainConfig:
     batch: int = 32               # B: parallel streams (32 beat 50 and 20 in 10 minutes: README)
     lr: float = 6e-3
     optimizer: str = "adam"       # adam | adamw | rmsprop | adagrad | sgd
+    beta2: float = 0.999          # adam and adamw: the decay of the squared gradients' average
     momentum: float = 0.0         # rmsprop and sgd
     weight_decay: float = 0.0
     clip: float = 5.0             # global gradient-norm clip, 0 = off
@@ -56,6 +57,7 @@ class TrainConfig:
     decay: float = 0.5            # step schedule: factor ...
     decay_every: int = 0          # ... every this many steps (0: a third of the budget)
     decay_start: float = 0.5      # cosine and linear: the share of the budget at the full rate first
+    lr_end: float = 0.1           # cosine and linear: the rate at the budget's end, a share of lr
     steps: int = None             # budget: whichever of steps/epochs/minutes comes first
     epochs: float = None
     minutes: float = None         # none of the three given: DEFAULT_MINUTES
@@ -94,6 +96,8 @@ class TrainConfig:
         need(0 <= self.clip and math.isfinite(self.clip), f"--clip must be >= 0, not {self.clip}")
         need(0 < self.decay <= 1, f"--decay must be in (0, 1], not {self.decay}")
         need(0 <= self.decay_start < 1, f"--decay-start must be in [0, 1), not {self.decay_start}")
+        need(0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], not {self.lr_end}")
+        need(0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), not {self.beta2}")
         for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "average"):
             v = getattr(self, name)
             need((v is None and name != "average") or isinstance(v, (int, float)) and 0 <= v < 1,
@@ -277,7 +281,8 @@ def _config(options, saved):
     if saved is None:
         cfg = TrainConfig(**options)
     else:
-        kept = {"val_chars": 0, **saved.meta.get("train", {})}  # runs saved before --val-chars scored all
+        # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and 0.1
+        kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
                 raise CharrnnError(f"--{key.replace('_', '-')} {options[key]!r} differs from the "
@@ -379,10 +384,10 @@ class _Run:
                                embed_dropout=cfg.embed_dropout, locked_dropout=cfg.locked_dropout)
             self.model.vocab = vocab
         self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay,
-                                       cfg.average)
+                                       cfg.average, cfg.beta2)
         self.cadence = Cadence.parse(cfg.eval_every) or Cadence.for_budget(self.max_steps, cfg.minutes)
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup, cfg.decay_every, cfg.decay,
-                                 decay_start=cfg.decay_start)
+                                 cfg.lr_end, cfg.decay_start)
         self.elapsed0 = self.progress.elapsed_s
         self.eval_cost = 0.0  # seconds the last validation took
         self.metrics = saved.meta.get("metrics", []) if saved else []

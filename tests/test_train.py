@@ -155,13 +155,35 @@ def test_auto_cadence_validates_twenty_times_over_a_step_budget(corpus, tmp_path
     assert [s for s, _, _ in losses(tmp_path)] == list(range(3, 61, 3))
 
 
-def test_a_time_budget_decays_the_learning_rate_with_the_clock(corpus, tmp_path):
+def test_a_time_budget_decays_the_learning_rate_with_the_clock_to_lr_end(corpus, tmp_path):
     train(corpus, out=tmp_path, minutes=0.05, schedule="linear", lr=2e-3, decay_start=0.0,
-          **dict(TINY, eval_every="0.5s"))
+          lr_end=0.25, **dict(TINY, eval_every="0.5s"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # the rate each row saw: linear in the share of the three seconds spent
-        assert r["lr"] == pytest.approx(2e-3 * (1 - 0.9 * min(1, r["elapsed_s"] / 3.0)), abs=2e-4)
-    assert rows[-1]["lr"] < 4e-4
+        assert r["lr"] == pytest.approx(2e-3 * (1 - 0.75 * min(1, r["elapsed_s"] / 3.0)), abs=2e-4)
+    assert rows[-1]["lr"] < 7e-4
+
+
+def test_a_run_saved_before_beta2_and_lr_end_resumes_with_the_values_it_ran_with(corpus, tmp_path):
+    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1)
+    train(corpus, out=tmp_path / "whole", steps=20, **opts)
+    train(corpus, out=tmp_path / "old", steps=10, **opts)
+    for name in ("last", "best"):  # as an older charrnn wrote them: without the two options
+        path = tmp_path / "old" / f"{name}.ckpt"
+        old = checkpoint.load(path, training=True)
+        del old.meta["train"]["beta2"], old.meta["train"]["lr_end"]
+        checkpoint.save(path, old)
+    train(corpus, resume=tmp_path / "old", steps=20, quiet=True)
+    assert losses(tmp_path / "old") == losses(tmp_path / "whole")
+    kept = checkpoint.load(tmp_path / "old", prefer="last").meta["train"]
+    assert (kept["beta2"], kept["lr_end"]) == (0.999, 0.1)
+
+
+@pytest.mark.parametrize("option,value", [("beta2", 1.0), ("beta2", -0.1), ("lr_end", 1.5),
+                                          ("lr_end", float("nan"))])
+def test_an_adam_beta2_or_lr_end_out_of_range_is_refused(corpus, tmp_path, option, value):
+    with pytest.raises(CharrnnError, match=option.replace("_", "-")):
+        train(corpus, out=tmp_path, steps=2, **{**TINY, option: value})
 
 
 def test_sharded_training_resumes_bit_identically(corpus, tmp_path):
