@@ -27,13 +27,15 @@ import numpy as np
 
 from .layout import model_config, param_shapes
 
-CHARS_PER_PARAM = 16    # the compute limit: 2x256 for Tiny Shakespeare in 10 minutes on 2 cores
+CHARS_PER_PARAM = 9     # the compute limit: 2x288 for Tiny Shakespeare in 10 minutes on 2 cores
 PARAMS_PER_CHAR = 8.0   # the data limit
 WIDE = 512              # wider than this with 2 layers: 3 layers instead
 MIN_HIDDEN, MAX_HIDDEN, STEP = 32, 2048, 32
 MAX_DROPOUT = 0.5
-HEAVY_PASSES = 10       # from here on, weight drop and output dropout too
+HEAVY_PASSES = 8        # from here on, weight drop and output dropout too
 PROBE_HIDDEN = (128, 384)  # the sizes whose throughput is measured
+SEQ_LEN = 100           # T (BPTT length): 100 beat 50 in 10 minutes of Tiny Shakespeare
+SHORT_SEQ_LEN = 50      # ... where a split is too short for B windows of SEQ_LEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,14 @@ def choose(vocab_size, cell, train_chars, chars_per_second, seconds=None, budget
         why.append(f"dropout {dropout:g}, weight drop {weight_drop:g}, output dropout "
                    f"{output_dropout:g} for {passes:.1f} passes over the data")
     return Choice(*shape(h), dropout, weight_drop, output_dropout, "; ".join(why))
+
+
+def seq_len_for(batch, *split_chars):
+    """``--seq-len`` auto: ``SEQ_LEN``, or ``SHORT_SEQ_LEN`` where one of the
+    splits (``split_chars``: training, validation) is too short for
+    ``batch`` windows of ``SEQ_LEN``, so that a corpus that fits T=50 still
+    trains."""
+    return SEQ_LEN if all(n >= batch * SEQ_LEN + 1 for n in split_chars) else SHORT_SEQ_LEN
 
 
 def _short(n):
