@@ -101,7 +101,7 @@ def _train_options(f):
         click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=D.nonlinearity,
                      show_default=True, help="For --cell rnn."),
         click.option("--output-dropout", type=_OrAuto(float), default="auto", show_default=True,
-                     help="On the top layer's output; auto: the dropout, from 10 passes over the data."),
+                     help="On the top layer's output; auto: the dropout, from 8 passes over the data."),
         click.option("--weight-drop", type=_OrAuto(float), default="auto", show_default=True,
                      help="DropConnect on the recurrent weights, one mask per window; auto: as "
                           "--output-dropout."),
@@ -112,9 +112,7 @@ def _train_options(f):
         click.option("--average", type=float, default=D.average, show_default=True,
                      help="Decay of the weights' moving average, which is evaluated and saved as "
                           "best; 0 = off."),
-        click.option("--seq-len", type=_OrAuto(int), default="auto", show_default=True,
-                     help="T: characters per window (BPTT); auto: 100, or 50 where a split is too "
-                          "short for B windows of 100."),
+        click.option("--seq-len", type=int, default=D.seq_len, show_default=True, help="T: characters per window (BPTT)."),
         click.option("--batch", type=int, default=D.batch, show_default=True, help="B: parallel streams."),
         click.option("--lr", type=float, default=D.lr, show_default=True, help="Learning rate."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True),

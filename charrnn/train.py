@@ -44,7 +44,7 @@ class TrainConfig:
     embed_dropout: float = 0.0    # whole characters of the input, one mask per window
     locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
-    seq_len: int = None           # T: characters per window (BPTT length); None: auto (sizing.seq_len_for)
+    seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 32               # B: parallel streams (32 beat 50 and 20 in 10 minutes: README)
     lr: float = 6e-3
     optimizer: str = "adam"       # adam | adamw | rmsprop | adagrad | sgd
@@ -87,7 +87,7 @@ class TrainConfig:
                 raise CharrnnError(msg)
         for name in ("hidden", "layers", "seq_len", "batch"):
             v = getattr(self, name)
-            need((v is None and name in ("hidden", "layers", "seq_len")) or isinstance(v, int) and v >= 1,
+            need((v is None and name in ("hidden", "layers")) or isinstance(v, int) and v >= 1,
                  f"--{name.replace('_', '-')} must be a whole number >= 1, not {v!r}")
         for name in ("embed", "warmup", "patience", "threads", "decay_every", "seed", "val_chars"):
             v = getattr(self, name)
@@ -360,8 +360,6 @@ class _Run:
         train_ids, val_ids = split(ids, cfg.val_frac)
         if cfg.val_chars:  # a fixed prefix: evaluations stay comparable, and cheap on big corpora
             val_ids = val_ids[:cfg.val_chars]
-        if cfg.seq_len is None:
-            cfg.seq_len = sizing.seq_len_for(cfg.batch, train_ids.size, val_ids.size)
         self.train_windows = self._windows(train_ids, "training")
         self.val_windows = self._windows(val_ids, "validation")
 

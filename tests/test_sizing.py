@@ -149,20 +149,3 @@ def test_a_resumed_run_keeps_the_size_it_chose(corpus, tmp_path):
     again = train(corpus, resume=tmp_path, steps=6, quiet=True)
     assert again.config == first.config
 
-
-@settings(max_examples=300, deadline=None)
-@given(st.integers(1, 256), st.integers(1, 10_000_000), st.integers(1, 1_000_000))
-def test_seq_len_auto_is_100_where_both_splits_hold_b_windows_of_100_else_50(batch, n_train, n_val):
-    fits = n_train >= batch * 100 + 1 and n_val >= batch * 100 + 1
-    assert sizing.seq_len_for(batch, n_train, n_val) == (100 if fits else 50)
-
-
-@pytest.mark.parametrize("chars,want", [(2002, 100), (2000, 50)])
-def test_training_takes_t_100_only_where_the_splits_hold_b_windows_of_it(tmp_path, chars, want):
-    from charrnn import checkpoint
-    # --val-frac 0.5: each split holds half the characters; B=10 needs 1,001 for T=100
-    path = tmp_path / "corpus.txt"
-    path.write_text(("abcde fghij\n" * chars)[:chars], encoding="utf-8")
-    train(path, out=tmp_path / "run", steps=1, batch=10, val_frac=0.5, hidden=8, layers=1,
-          dropout=0.0, weight_drop=0.0, output_dropout=0.0, quiet=True)
-    assert checkpoint.load(tmp_path / "run", prefer="last").meta["train"]["seq_len"] == want
