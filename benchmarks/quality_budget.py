@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # charrnn from this checkout when it is not installed
 
+from charrnn.checkpoint import load  # noqa: E402
 from charrnn.corpora import builtin_names, builtin_path  # noqa: E402
 
 # char-rnn's recipe on charrnn; "EVAL" becomes "<eval-seconds>s". Turn off here
@@ -59,11 +60,13 @@ def has_torch(python):
     return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
 
 
-def summarise(name, curve, steps, chars_per_s, cmd):
-    """curve: [(minutes, val_nats)] -> the run's JSON row."""
+def summarise(name, curve, steps, chars_per_s, cmd, model=None):
+    """curve: [(minutes, val_nats)] -> the run's JSON row (with ``model``,
+    the size and regularisers a charrnn run chose, when known)."""
     best_min, best = min(curve, key=lambda p: p[1])
     return {"run": name, "best_val_nats": round(best, 4), "best_val_bpc": round(best / math.log(2), 4),
             "best_at_minutes": best_min, "steps": steps, "chars_per_s": chars_per_s,
+            **({"model": model} if model else {}),
             "curve_minutes_val_nats": curve, "command": " ".join(cmd)}
 
 
@@ -77,8 +80,11 @@ def run_charrnn(name, a, extra):
             cmd += ["--threads", str(a.threads)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        c = load(out, prefer="last").meta["model"]  # what auto-sizing chose
+    model = (f"{c['layers']}x{c['hidden']}, dropout {c['dropout']:g}, weight drop {c['weight_drop']:g}, "
+             f"output dropout {c['output_dropout']:g}")
     curve = [(round(r["elapsed_s"] / 60, 3), round(r["val_loss"], 4)) for r in rows]
-    return summarise(name, curve, rows[-1]["step"], round(rows[-1].get("chars_per_s") or 0), cmd)
+    return summarise(name, curve, rows[-1]["step"], round(rows[-1].get("chars_per_s") or 0), cmd, model)
 
 
 def run_peer(name, a, extra):
