@@ -148,4 +148,3 @@ def test_a_resumed_run_keeps_the_size_it_chose(corpus, tmp_path):
     first = train(corpus, out=tmp_path, steps=3, batch=4, seq_len=8, eval_every=3, quiet=True)
     again = train(corpus, resume=tmp_path, steps=6, quiet=True)
     assert again.config == first.config
-
