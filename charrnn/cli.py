@@ -109,6 +109,9 @@ def _train_options(f):
                      help="Drops whole input characters, one mask per window."),
         click.option("--locked-dropout/--no-locked-dropout", default=D.locked_dropout, show_default=True,
                      help="One dropout mask per stream for all the steps of a window."),
+        click.option("--epoch-shift/--no-epoch-shift", default=D.epoch_shift, show_default=True,
+                     help="Each epoch after the first starts the streams at a random place in the "
+                          "text (seeded), so the windows' cuts and batch-mates change."),
         click.option("--average", type=float, default=D.average, show_default=True,
                      help="Decay of the weights' moving average, which is evaluated and saved as "
                           "best; 0 = off."),

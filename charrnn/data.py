@@ -308,6 +308,9 @@ class Windows:
     the same stream, so the hidden state carries across windows.
 
     ``windows[k] -> (x, y)``, each [B, T] views; y is x shifted by one.
+    ``windows.at(k, offset)`` is window k with the streams starting
+    ``offset`` characters later, the text read as a ring (its end joins
+    its start): the same cut, shifted.
     """
 
     def __init__(self, ids, batch, seq_len):
@@ -319,6 +322,7 @@ class Windows:
                 f"{len(ids)} characters are too few for batch {batch} x seq-len {seq_len} "
                 f"(needs at least {batch * seq_len + 1})")
         n = per_stream * batch
+        self.ids = ids
         self.x = ids[:n].reshape(batch, per_stream)
         self.y = ids[1:n + 1].reshape(batch, per_stream)
         self.batch, self.seq_len = batch, seq_len
@@ -331,3 +335,27 @@ class Windows:
             raise IndexError(k)
         j = k * self.seq_len
         return self.x[:, j:j + self.seq_len], self.y[:, j:j + self.seq_len]
+
+    @property
+    def positions(self):
+        """The places a stream can start: every character that has a next one."""
+        return len(self.ids) - 1
+
+    def at(self, k, offset):
+        """Window k of the streams shifted by ``offset`` in [0, positions)."""
+        if not 0 <= offset < self.positions:
+            raise IndexError(offset)
+        if offset == 0:
+            return self[k]
+        self[k]  # bounds-checks k
+        first = offset + np.arange(self.batch) * self.x.shape[1] + k * self.seq_len
+        at = (first[:, None] + np.arange(self.seq_len)) % self.positions
+        return self.ids[at], self.ids[at + 1]
+
+    def epoch_offset(self, epoch, seed):
+        """Where epoch ``epoch``'s streams start with --epoch-shift: 0 for the
+        first, then a place drawn from (seed, epoch) alone, so every rank and
+        a resumed run draw the same."""
+        if epoch == 0:
+            return 0
+        return int(np.random.default_rng((seed, epoch)).integers(self.positions))

@@ -43,6 +43,7 @@ class TrainConfig:
     weight_drop: float = None     # DropConnect on W_hh, one mask per window; None: auto
     embed_dropout: float = 0.0    # whole characters of the input, one mask per window
     locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
+    epoch_shift: bool = False     # each epoch after the first starts the streams at a seeded random place
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
     seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 32               # B: parallel streams (32 beat 50 and 20 in 10 minutes: README)
@@ -76,7 +77,7 @@ class TrainConfig:
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
                        "output_dropout", "weight_drop", "embed_dropout", "locked_dropout", "average",
-                       "seq_len", "batch", "optimizer", "val_frac", "val_chars", "seed", "bytes")
+                       "epoch_shift", "seq_len", "batch", "optimizer", "val_frac", "val_chars", "seed", "bytes")
 
     def __post_init__(self):
         self.out = os.fspath(self.out)  # a Path is welcome; checkpoints store JSON
@@ -281,8 +282,10 @@ def _config(options, saved):
     if saved is None:
         cfg = TrainConfig(**options)
     else:
-        # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and 0.1
-        kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, **saved.meta.get("train", {})}
+        # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and
+        # 0.1, before --epoch-shift read every epoch alike
+        kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, "epoch_shift": False,
+                **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
                 raise CharrnnError(f"--{key.replace('_', '-')} {options[key]!r} differs from the "
@@ -493,10 +496,11 @@ class _Run:
                         f"{' '.join(map(str, self.paths))} --resume {self.out}", code, self.model)
                 if self._budget_spent(clock):
                     break
-                k = self.progress.step % n
+                epoch, k = divmod(self.progress.step, n)
                 if k == 0:
                     self.state = None  # a new epoch starts each stream afresh
-                x, y = self.train_windows[k]
+                offset = self.train_windows.epoch_offset(epoch, cfg.seed) if cfg.epoch_shift else 0
+                x, y = self.train_windows.at(k, offset)
                 total, state = self.model.window(x[self.streams], y[self.streams], self.state,
                                                  train=True, part=self.part)
                 self.world.sum_into(self.model.grads)  # one collective over the flat buffer

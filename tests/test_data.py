@@ -102,6 +102,24 @@ def test_windows_are_contiguous_streams_with_shifted_targets():
     assert np.array_equal(y0, x0 + 1)
 
 
+def test_shifted_windows_read_the_text_as_a_ring():
+    w = data.Windows(np.arange(23), batch=2, seq_len=3)  # 22 places a stream can start
+    x0, y0 = w.at(0, 20)
+    x1, _ = w.at(1, 20)
+    assert x0.tolist() == [[20, 21, 0], [7, 8, 9]]  # stream 0 runs off the end into the start
+    assert x1.tolist() == [[1, 2, 3], [10, 11, 12]]
+    assert y0.tolist() == [[21, 22, 1], [8, 9, 10]]
+
+
+def test_the_first_epoch_is_not_shifted_and_the_others_draw_from_the_seed_and_the_epoch():
+    w = data.Windows(np.arange(1000), batch=4, seq_len=10)
+    assert w.epoch_offset(0, seed=3) == 0
+    later = [w.epoch_offset(e, seed=3) for e in range(1, 6)]
+    assert later == [w.epoch_offset(e, seed=3) for e in range(1, 6)]
+    assert later != [w.epoch_offset(e, seed=4) for e in range(1, 6)]
+    assert all(0 <= o < w.positions for o in later) and len(set(later)) > 1
+
+
 def test_windows_say_what_fits_when_the_text_is_too_short():
     with pytest.raises(CharrnnError, match="needs at least 51"):
         data.Windows(np.arange(50), batch=5, seq_len=10)

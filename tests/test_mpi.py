@@ -96,6 +96,14 @@ def test_a_run_on_two_ranks_resumes_on_any_number_of_ranks(corpus, tmp_path, ran
 
 
 @needs_mpi
+def test_two_ranks_shift_the_epochs_as_one_process_does(corpus, tmp_path):
+    shifted = [*OPTS, "--epoch-shift", "--val-frac", "0.9", "--steps", 40]  # 19 steps an epoch
+    charrnn("train", corpus, "--out", tmp_path / "one", "--threads", 2, *shifted)
+    charrnn("train", corpus, "--out", tmp_path / "two", "--threads", 1, *shifted, ranks=2)
+    assert val_losses(tmp_path / "two") == val_losses(tmp_path / "one")  # bit for bit
+
+
+@needs_mpi
 def test_two_ranks_as_two_hosts_log_the_losses_of_one_process(corpus, tmp_path):
     """Two "hosts" on this machine: Hydra's fork launcher with two loopback
     addresses (each rank sees itself alone on its node) and shared memory

@@ -164,19 +164,45 @@ def test_a_time_budget_decays_the_learning_rate_with_the_clock_to_lr_end(corpus,
     assert rows[-1]["lr"] < 7e-4
 
 
-def test_a_run_saved_before_beta2_and_lr_end_resumes_with_the_values_it_ran_with(corpus, tmp_path):
-    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1)
+def test_a_run_saved_before_beta2_lr_end_and_epoch_shift_resumes_with_the_values_it_ran_with(
+        corpus, tmp_path):
+    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False)
     train(corpus, out=tmp_path / "whole", steps=20, **opts)
     train(corpus, out=tmp_path / "old", steps=10, **opts)
-    for name in ("last", "best"):  # as an older charrnn wrote them: without the two options
+    for name in ("last", "best"):  # as an older charrnn wrote them: without the three options
         path = tmp_path / "old" / f"{name}.ckpt"
         old = checkpoint.load(path, training=True)
-        del old.meta["train"]["beta2"], old.meta["train"]["lr_end"]
+        del old.meta["train"]["beta2"], old.meta["train"]["lr_end"], old.meta["train"]["epoch_shift"]
         checkpoint.save(path, old)
     train(corpus, resume=tmp_path / "old", steps=20, quiet=True)
     assert losses(tmp_path / "old") == losses(tmp_path / "whole")
     kept = checkpoint.load(tmp_path / "old", prefer="last").meta["train"]
-    assert (kept["beta2"], kept["lr_end"]) == (0.999, 0.1)
+    assert (kept["beta2"], kept["lr_end"], kept["epoch_shift"]) == (0.999, 0.1, False)
+
+
+# windows of 16x32 characters: an epoch of the corpus's first 80% is 10 steps
+SHIFTED = dict(TINY, batch=16, seq_len=32, val_frac=0.2, eval_every=5, epoch_shift=True)
+
+
+def test_an_epoch_shift_keeps_the_first_epoch_and_changes_the_later_ones(corpus, tmp_path):
+    train(corpus, out=tmp_path / "shifted", steps=20, **SHIFTED)
+    train(corpus, out=tmp_path / "aligned", steps=20, **dict(SHIFTED, epoch_shift=False))
+    shifted, aligned = losses(tmp_path / "shifted"), losses(tmp_path / "aligned")
+    assert shifted[:2] == aligned[:2] and shifted[2:] != aligned[2:]
+
+
+def test_same_seed_gives_the_same_losses_with_an_epoch_shift(corpus, tmp_path):
+    train(corpus, out=tmp_path / "a", steps=20, **SHIFTED)
+    train(corpus, out=tmp_path / "b", steps=20, **SHIFTED)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_resume_with_an_epoch_shift_continues_bit_identically(corpus, tmp_path):
+    opts = dict(SHIFTED, schedule="constant", dropout=0.2)
+    train(corpus, out=tmp_path / "whole", steps=30, **opts)
+    train(corpus, out=tmp_path / "split", steps=15, **opts)  # halfway through the second epoch
+    train(corpus, resume=tmp_path / "split", steps=30, quiet=True)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
 @pytest.mark.parametrize("option,value", [("beta2", 1.0), ("beta2", -0.1), ("lr_end", 1.5),
