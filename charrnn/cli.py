@@ -134,9 +134,6 @@ def _train_options(f):
                           "minutes) at the full rate before the decay."),
         click.option("--lr-end", type=float, default=D.lr_end, show_default=True,
                      help="Cosine and linear schedules: the rate at the budget's end, as a share of --lr."),
-        click.option("--regulariser-ramp", type=float, default=D.regulariser_ramp, show_default=True,
-                     help="The weight drop and the output dropout grow linearly from 0 to their "
-                          "rates over this share of the budget; 0 = at their rates from the start."),
         click.option("--steps", type=int, default=D.steps, help="Budget: updates (counted from step 0 of the run)."),
         click.option("--epochs", type=float, default=D.epochs, help="Budget: passes over the training split."),
         click.option("--minutes", type=float, default=D.minutes,

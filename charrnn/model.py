@@ -217,12 +217,10 @@ class Model:
         total, state = self.window(x, y, state, train=True)
         return total / np.size(x), state
 
-    def window(self, x, y, state=None, train=False, part=None, regularisation=1.0):
+    def window(self, x, y, state=None, train=False, part=None):
         """The summed cross-entropy of a window's targets ``y`` given ``x``
         (both [B,T]) and the next state; with ``train`` (dropout on) the
         gradients of the batch's mean loss land in ``self.grads``.
-        ``regularisation`` in [0, 1]: the share of the weight drop's and
-        the output dropout's rates this training window uses.
 
         ``part`` = (first, batch): these B streams are streams first ..
         first+B-1 of a batch of ``batch`` (the others on other MPI ranks):
@@ -241,11 +239,8 @@ class Model:
         first, batch = part or (0, B)
         if not 0 <= first <= first + B <= batch:
             raise CharrnnError(f"streams {first}..{first + B - 1} are not part of a batch of {batch}")
-        if not 0 <= regularisation <= 1:
-            raise CharrnnError(f"regularisation must be a share in [0, 1], not {regularisation}")
         state = self._check_state(state, B)
-        noise = self._draw_noise(T, batch, slice(first, first + B), regularisation) if train \
-            else _NOISELESS
+        noise = self._draw_noise(T, batch, slice(first, first + B)) if train else _NOISELESS
         scale = 1.0 / (batch * T) if train else 0.0
         w_hh_t = self._transposed_w_hh(noise) if train else None  # BPTT reads W_hh transposed
         cuts = parallel.shard_cuts(B, None if self.device == "cpu" else 1)
@@ -284,26 +279,23 @@ class Model:
             self.backend.transpose(w_t, noise.weight(self.weights, f"rnn.weight_hh_l{k}"))
         return self._w_hh_t
 
-    def _draw_noise(self, T, batch, streams, regularisation):
+    def _draw_noise(self, T, batch, streams):
         """The regularisers' masks for a training window of ``batch``
         streams (drawn for the whole batch, in ``rng_state``'s order, so that
         neither threads nor ranks change them), cut to ``streams``; the
-        weights they drop are applied here, once for every shard.
-        ``regularisation``: the share of the output dropout's and the
-        weight drop's rates to use."""
+        weights they drop are applied here, once for every shard."""
         c, K = self.config, self.backend
         L, H = c["layers"], c["hidden"]
         steps = 1 if c["locked_dropout"] else T
-        output_dropout, weight_drop = (regularisation * c[k] for k in ("output_dropout", "weight_drop"))
         between = [self._dropout_mask((steps, batch, H), c["dropout"])[:, streams]
                    for _ in range(L - 1)] if c["dropout"] else None
-        top = self._dropout_mask((steps, batch, H), output_dropout)[:, streams] \
-            if output_dropout else None
+        top = self._dropout_mask((steps, batch, H), c["output_dropout"])[:, streams] \
+            if c["output_dropout"] else None
         dropped = {}
-        if weight_drop:
+        if c["weight_drop"]:
             for k in range(L):
                 name = f"rnn.weight_hh_l{k}"
-                dropped[name] = self._dropout_mask(self.shapes[name], weight_drop)
+                dropped[name] = self._dropout_mask(self.shapes[name], c["weight_drop"])
         if c["embed_dropout"]:  # whole characters: rows of the table the ids pick
             name = "encoder.weight" if c["embed"] else "rnn.weight_ih_l0"
             rows = self._dropout_mask((c["vocab_size"], 1), c["embed_dropout"])

@@ -133,10 +133,6 @@ class Schedule:
       spent (0: from the start), then down to ``min_frac``*base_lr at its end;
     - ``step``: times ``decay`` every ``decay_every`` steps, or, with
       ``decay_every`` 0, at each third of the budget.
-
-    It also says how much of their rates the weight drop and the output
-    dropout use (``regularisation``): growing linearly from 0 over the
-    first ``ramp`` of the budget (0: all of it from the start).
     """
     base_lr: float
     kind: str = "constant"
@@ -145,22 +141,12 @@ class Schedule:
     decay: float = 0.5
     min_frac: float = 0.1
     decay_start: float = 0.0
-    ramp: float = 0.0
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise CharrnnError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.kind!r}")
         if not 0 <= self.decay_start < 1:
             raise CharrnnError(f"the decay must start in [0, 1) of the budget, not {self.decay_start}")
-        if not 0 <= self.ramp <= 1:
-            raise CharrnnError(f"the regularisers' ramp must span [0, 1] of the budget, not {self.ramp}")
-
-    def regularisation(self, spent):
-        """The share of the weight drop's and the output dropout's rates
-        to use with the share ``spent`` of the budget used."""
-        if self.ramp == 0:
-            return 1.0
-        return min(1.0, max(0.0, spent) / self.ramp)
 
     def get_lr(self, step, spent):
         """The learning rate for update number ``step`` (0-based) with the

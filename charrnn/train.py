@@ -59,7 +59,6 @@ class TrainConfig:
     decay_every: int = 0          # ... every this many steps (0: a third of the budget)
     decay_start: float = 0.5      # cosine and linear: the share of the budget at the full rate first
     lr_end: float = 0.1           # cosine and linear: the rate at the budget's end, a share of lr
-    regulariser_ramp: float = 0.0  # weight drop and output dropout grow from 0 over this share of the budget
     steps: int = None             # budget: whichever of steps/epochs/minutes comes first
     epochs: float = None
     minutes: float = None         # none of the three given: DEFAULT_MINUTES
@@ -99,8 +98,6 @@ class TrainConfig:
         need(0 < self.decay <= 1, f"--decay must be in (0, 1], not {self.decay}")
         need(0 <= self.decay_start < 1, f"--decay-start must be in [0, 1), not {self.decay_start}")
         need(0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], not {self.lr_end}")
-        need(0 <= self.regulariser_ramp <= 1,
-             f"--regulariser-ramp must be in [0, 1], not {self.regulariser_ramp}")
         need(0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), not {self.beta2}")
         for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "average"):
             v = getattr(self, name)
@@ -286,9 +283,9 @@ def _config(options, saved):
         cfg = TrainConfig(**options)
     else:
         # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and
-        # 0.1, before --epoch-shift read every epoch alike, before --regulariser-ramp had none
+        # 0.1, before --epoch-shift read every epoch alike
         kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, "epoch_shift": False,
-                "regulariser_ramp": 0.0, **saved.meta.get("train", {})}
+                **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
                 raise CharrnnError(f"--{key.replace('_', '-')} {options[key]!r} differs from the "
@@ -393,7 +390,7 @@ class _Run:
                                        cfg.average, cfg.beta2)
         self.cadence = Cadence.parse(cfg.eval_every) or Cadence.for_budget(self.max_steps, cfg.minutes)
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup, cfg.decay_every, cfg.decay,
-                                 cfg.lr_end, cfg.decay_start, cfg.regulariser_ramp)
+                                 cfg.lr_end, cfg.decay_start)
         self.elapsed0 = self.progress.elapsed_s
         self.eval_cost = 0.0  # seconds the last validation took
         self.metrics = saved.meta.get("metrics", []) if saved else []
@@ -504,14 +501,12 @@ class _Run:
                     self.state = None  # a new epoch starts each stream afresh
                 offset = self.train_windows.epoch_offset(epoch, cfg.seed) if cfg.epoch_shift else 0
                 x, y = self.train_windows.at(k, offset)
-                spent = self._spent(clock)
                 total, state = self.model.window(x[self.streams], y[self.streams], self.state,
-                                                 train=True, part=self.part,
-                                                 regularisation=self.schedule.regularisation(spent))
+                                                 train=True, part=self.part)
                 self.world.sum_into(self.model.grads)  # one collective over the flat buffer
                 loss = self.world.sum(total)[0] / x.size
                 self._check_loss(loss)
-                lr = self.schedule.get_lr(self.progress.step, spent)
+                lr = self.schedule.get_lr(self.progress.step, self._spent(clock))
                 self.opt.step(lr, cfg.clip)
                 self.state, self.lr = state, lr
                 p.step += 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from charrnn import CharrnnError, Model
+from charrnn import Model
 from charrnn.kernels import cpu as K
 from charrnn.optim import Optimizer
 
@@ -111,27 +111,6 @@ def test_ranks_parts_of_a_batch_draw_the_whole_batchs_masks():
         parts_grads += part.grads
     assert parts_total == pytest.approx(total, rel=1e-12)
     np.testing.assert_allclose(parts_grads, grads, rtol=1e-10, atol=1e-14)
-
-
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_a_share_of_the_regularisation_is_the_pass_at_that_share_of_the_two_rates(share):
-    """``regularisation`` scales the weight drop and the output dropout
-    (the dropout between layers keeps its rate): the same masks, losses and
-    gradients as a model built with the scaled rates."""
-    opts = REGULARISERS["all"]
-    x, y = window()
-    ramped = make_model(**opts)
-    total, state = ramped.window(x, y, train=True, regularisation=share)
-    scaled = make_model(**dict(opts, weight_drop=share * opts["weight_drop"],
-                               output_dropout=share * opts["output_dropout"]))
-    want_total, want_state = scaled.window(x, y, train=True)
-    assert total == want_total and all(np.array_equal(a, b) for a, b in zip(state, want_state))
-    np.testing.assert_array_equal(ramped.grads, scaled.grads)
-
-
-def test_a_regularisation_share_outside_0_to_1_is_refused():
-    with pytest.raises(CharrnnError, match="regularisation"):
-        make_model(**REGULARISERS["all"]).window(*window(), train=True, regularisation=1.5)
 
 
 def test_losses_with_every_regulariser_are_reproducible_for_a_seed():

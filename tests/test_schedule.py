@@ -61,27 +61,6 @@ def test_a_decay_start_outside_the_budget_is_an_error():
         Schedule(1.0, "cosine", decay_start=1.0)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.floats(0.0, 1.0), st.floats(-0.5, 1.5), st.floats(-0.5, 1.5))
-def test_the_regularisers_grow_linearly_over_the_ramp_then_stay_at_their_rates(ramp, a, b):
-    s = Schedule(1.0, "linear", ramp=ramp)
-    early, late = sorted((a, b))
-    assert 0 <= s.regularisation(early) <= s.regularisation(late) <= 1
-    if ramp == 0 or late >= ramp:
-        assert s.regularisation(late) == 1
-    elif late >= 0:
-        assert s.regularisation(late) == pytest.approx(late / ramp, rel=1e-12)
-
-
-def test_no_ramp_keeps_the_regularisers_at_their_rates_from_the_start():
-    assert Schedule(1.0, "linear").regularisation(0.0) == 1
-
-
-def test_a_ramp_outside_the_budget_is_an_error():
-    with pytest.raises(CharrnnError, match="ramp"):
-        Schedule(1.0, "linear", ramp=1.5)
-
-
 # ------------------------------------------------------------------ cadence
 
 @pytest.mark.parametrize("spec,want", [

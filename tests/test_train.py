@@ -164,57 +164,20 @@ def test_a_time_budget_decays_the_learning_rate_with_the_clock_to_lr_end(corpus,
     assert rows[-1]["lr"] < 7e-4
 
 
-def test_a_run_saved_before_beta2_lr_end_epoch_shift_and_the_ramp_resumes_as_it_ran(
+def test_a_run_saved_before_beta2_lr_end_and_epoch_shift_resumes_with_the_values_it_ran_with(
         corpus, tmp_path):
-    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False,
-                regulariser_ramp=0.0)
+    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False)
     train(corpus, out=tmp_path / "whole", steps=20, **opts)
     train(corpus, out=tmp_path / "old", steps=10, **opts)
-    newer = ("beta2", "lr_end", "epoch_shift", "regulariser_ramp")
-    for name in ("last", "best"):  # as an older charrnn wrote them: without the newer options
+    for name in ("last", "best"):  # as an older charrnn wrote them: without the three options
         path = tmp_path / "old" / f"{name}.ckpt"
         old = checkpoint.load(path, training=True)
-        for key in newer:
-            del old.meta["train"][key]
+        del old.meta["train"]["beta2"], old.meta["train"]["lr_end"], old.meta["train"]["epoch_shift"]
         checkpoint.save(path, old)
     train(corpus, resume=tmp_path / "old", steps=20, quiet=True)
     assert losses(tmp_path / "old") == losses(tmp_path / "whole")
     kept = checkpoint.load(tmp_path / "old", prefer="last").meta["train"]
-    assert [kept[key] for key in newer] == [0.999, 0.1, False, 0.0]
-
-
-RAMPED = dict(TINY, weight_drop=0.3, output_dropout=0.2, regulariser_ramp=0.5, eval_every=1)  # 3 steps
-
-
-def test_a_ramp_starts_without_weight_drop_and_output_dropout_and_ends_with_them(corpus, tmp_path):
-    train(corpus, out=tmp_path / "ramped", steps=6, **RAMPED)
-    train(corpus, out=tmp_path / "none", steps=6, **dict(RAMPED, weight_drop=0.0, output_dropout=0.0))
-    train(corpus, out=tmp_path / "full", steps=6, **dict(RAMPED, regulariser_ramp=0.0))
-    ramped, none, full = (losses(tmp_path / n) for n in ("ramped", "none", "full"))
-    assert ramped[0] == none[0] and ramped[0] != full[0]  # step 0: nothing of the two yet
-    assert ramped[1] not in (none[1], full[1])  # step 1: a third of their rates
-
-
-def test_an_interrupted_ramped_run_resumes_as_if_it_had_never_stopped(corpus, tmp_path):
-    # the ramp and the decay follow the budget: the resumed run keeps it (no --steps)
-    args = ["--hidden", 16, "--batch", 4, "--seq-len", 8, "--eval-every", 100, "--dropout", 0.2,
-            "--weight-drop", 0.3, "--output-dropout", 0.2, "--regulariser-ramp", 0.5,
-            "--steps", 600]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", str(corpus), "--out",
-                             str(tmp_path / "run"), *map(str, args)],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert checkpoint.load(tmp_path / "run", prefer="last").meta["progress"]["step"] < 600
-    assert run_cli("train", corpus, "--resume", tmp_path / "run", "--quiet").exit_code == 0
-    assert run_cli("train", corpus, "--out", tmp_path / "whole", "--quiet", *args).exit_code == 0
-    assert losses(tmp_path / "run") == losses(tmp_path / "whole")
+    assert (kept["beta2"], kept["lr_end"], kept["epoch_shift"]) == (0.999, 0.1, False)
 
 
 # windows of 16x32 characters: an epoch of the corpus's first 80% is 10 steps
@@ -243,9 +206,8 @@ def test_resume_with_an_epoch_shift_continues_bit_identically(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [("beta2", 1.0), ("beta2", -0.1), ("lr_end", 1.5),
-                                          ("lr_end", float("nan")), ("regulariser_ramp", 1.5),
-                                          ("regulariser_ramp", -0.1)])
-def test_an_adam_beta2_lr_end_or_ramp_out_of_range_is_refused(corpus, tmp_path, option, value):
+                                          ("lr_end", float("nan"))])
+def test_an_adam_beta2_or_lr_end_out_of_range_is_refused(corpus, tmp_path, option, value):
     with pytest.raises(CharrnnError, match=option.replace("_", "-")):
         train(corpus, out=tmp_path, steps=2, **{**TINY, option: value})
 
