@@ -77,7 +77,8 @@ class TrainConfig:
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
                        "output_dropout", "weight_drop", "embed_dropout", "locked_dropout", "average",
-                       "epoch_shift", "seq_len", "batch", "optimizer", "val_frac", "val_chars", "seed", "bytes")
+                       "epoch_shift", "seq_len", "batch", "optimizer", "val_frac", "val_chars",
+                       "seed", "bytes")
 
     def __post_init__(self):
         self.out = os.fspath(self.out)  # a Path is welcome; checkpoints store JSON
