@@ -331,10 +331,7 @@ class Windows:
         return self.x.shape[1] // self.seq_len
 
     def __getitem__(self, k):
-        if not 0 <= k < len(self):
-            raise IndexError(k)
-        j = k * self.seq_len
-        return self.x[:, j:j + self.seq_len], self.y[:, j:j + self.seq_len]
+        return self.at(k, 0)
 
     @property
     def positions(self):
@@ -343,12 +340,14 @@ class Windows:
 
     def at(self, k, offset):
         """Window k of the streams shifted by ``offset`` in [0, positions)."""
+        if not 0 <= k < len(self):
+            raise IndexError(k)
         if not 0 <= offset < self.positions:
             raise IndexError(offset)
-        if offset == 0:
-            return self[k]
-        self[k]  # bounds-checks k
-        first = offset + np.arange(self.batch) * self.x.shape[1] + k * self.seq_len
+        j = k * self.seq_len
+        if offset == 0:  # views
+            return self.x[:, j:j + self.seq_len], self.y[:, j:j + self.seq_len]
+        first = offset + np.arange(self.batch) * self.x.shape[1] + j
         at = (first[:, None] + np.arange(self.seq_len)) % self.positions
         return self.ids[at], self.ids[at + 1]
 
