@@ -7,7 +7,7 @@ import numpy as np
 from . import parallel
 from .errors import CharrnnError
 from .kernels import cpu as K
-from .kernels.cells import gates
+from .kernels.cells import gates, saved_width
 
 CHARS_PER_CALL = 256  # characters per Numba call while streaming
 
@@ -44,7 +44,8 @@ class Streams:
     def __init__(self, model, S, ranks=None):
         c, dt = model.config, model.dtype
         H, L = c["hidden"], c["layers"]
-        R = min(ranks or parallel.sampling_ranks(H), H)
+        # the LN-LSTM normalises over all H units of a layer: one rank
+        R = 1 if c["layer_norm"] else min(ranks or parallel.sampling_ranks(H), H)
         self.model, self.S, self.R = model, S, R
         # the state is shared by the ranks, each writing its own hidden units
         shared = parallel.cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
@@ -74,19 +75,22 @@ class Streams:
         pieces = []
         for k in range(c["layers"]):
             w_ih = p[f"rnn.weight_ih_l{k}"][rows]
+            norm = p[f"rnn.layer_norm_l{k}"] if c["layer_norm"] else np.zeros(2, dt)
             pieces += [w_ih.T if k == 0 and not E else w_ih, p[f"rnn.weight_hh_l{k}"][rows],
-                       p[f"rnn.bias_ih_l{k}"][rows], p[f"rnn.bias_hh_l{k}"][rows]]
+                       p[f"rnn.bias_ih_l{k}"][rows], p[f"rnn.bias_hh_l{k}"][rows], norm]
         starts = np.cumsum([0] + [x.size for x in pieces])
         GHr, E1 = G * (j1 - j0), max(E, 1)
+        saved = max(1, saved_width(c["cell"], j1 - j0, c["layer_norm"]))
         a = parallel.cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
                                    probs=((S, V), dt), ids=((S,), np.int32), xp=((S, GHr), dt),
-                                   gates=((S, GHr), dt), gh=((S, GHr), dt), hn=((S, j1 - j0), dt),
+                                   gates=((S, GHr), dt), gh=((S, GHr), dt), saved=((S, saved), dt),
                                    emb=((S, E1), dt), zero_e=((E1,), dt))
         np.concatenate([np.ravel(x) for x in pieces], out=a["rparams"])
         off = model.offsets
-        return {"net": (a["rparams"], starts[:-1].reshape(-1, 4).astype(np.int64), model.params),
+        return {"net": (a["rparams"], starts[:-1].reshape(-1, 5).astype(np.int64), model.params),
                 "dims": (int(off.get("encoder.weight", -1)), int(off["decoder.weight"]), V, E, j0),
-                "scratch": (a["logits"], a["xp"], a["gates"], a["gh"], a["hn"], a["emb"], a["zero_e"]),
+                "scratch": (a["logits"], a["xp"], a["gates"], a["gh"], a["saved"], a["emb"],
+                            a["zero_e"]),
                 "sync": (self._flags, r, self.R), "ids": a["ids"], "probs": a["probs"]}
 
     def _run(self, kernel, *args):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from .errors import CharrnnError
-from .kernels.cells import CELL_IDS, CELLS, gates
+from .kernels.cells import CELL_IDS, CELLS, NORMALISED, gates
 
 
 def _check_size(name, value, lo, hi=None):
@@ -24,7 +24,7 @@ def _check_rate(name, value):
 
 def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
                  nonlinearity="tanh", output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0,
-                 locked_dropout=False):
+                 locked_dropout=False, layer_norm=False):
     """The validated configuration of a model (``Model``'s arguments), as
     ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
     if cell not in CELLS:
@@ -41,9 +41,13 @@ def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, drop
         ("embed_dropout", embed_dropout))}
     if not isinstance(locked_dropout, bool):
         raise CharrnnError(f"locked_dropout must be true or false, not {locked_dropout!r}")
+    if not isinstance(layer_norm, bool):
+        raise CharrnnError(f"layer_norm must be true or false, not {layer_norm!r}")
+    if layer_norm and cell not in NORMALISED:
+        raise CharrnnError(f"layer_norm is available for the {', '.join(NORMALISED)} cell, not {cell!r}")
     return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
                 embed=int(embed) or None, nonlinearity=nonlinearity, **rates,
-                locked_dropout=locked_dropout)
+                locked_dropout=locked_dropout, layer_norm=layer_norm)
 
 
 def param_shapes(config):
@@ -61,6 +65,8 @@ def param_shapes(config):
         shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
         shapes[f"rnn.bias_ih_l{k}"] = (GH,)
         shapes[f"rnn.bias_hh_l{k}"] = (GH,)
+        if c["layer_norm"]:  # gains [0] and biases [1] of the gate blocks, then of the cell
+            shapes[f"rnn.layer_norm_l{k}"] = (2, GH + H)
     shapes["decoder.weight"] = (V, H)
     shapes["decoder.bias"] = (V,)
     return shapes

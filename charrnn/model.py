@@ -6,7 +6,7 @@ from . import checkpoint, explain, generate, parallel
 from .errors import CharrnnError
 from .kernels import backend
 from .kernels import cpu as K
-from .kernels.cells import CELL_IDS, gates
+from .kernels.cells import cell_id, gates, saved_width
 from .layout import check_memory, model_config, named_views, param_shapes
 
 
@@ -31,6 +31,9 @@ class Model:
       one-hot input: one mask per window); ``locked_dropout``: the dropout
       masks hold for every time step of a window (one per stream and unit,
       "variational" dropout) instead of one per step;
+    - ``layer_norm`` (LSTM only): each gate block's pre-activation and the
+      cell normalised over the units, with a gain and a bias each
+      (``rnn.layer_norm_l{k}`` [2, 5H]; Ba, Kiros & Hinton 2016);
     - ``seed``: initialisation (PyTorch's: uniform +-1/sqrt(H), embedding N(0,1))
       and dropout masks;
     - ``dtype``: float32; float64 exists for gradient checks (CPU only);
@@ -44,15 +47,17 @@ class Model:
 
     def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
                  dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu",
-                 output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0, locked_dropout=False):
+                 output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0, locked_dropout=False,
+                 layer_norm=False):
         self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity,
-                                   output_dropout, weight_drop, embed_dropout, locked_dropout)
+                                   output_dropout, weight_drop, embed_dropout, locked_dropout,
+                                   layer_norm)
         self.dtype = np.dtype(dtype)
         self.backend = backend(device)
         self.device = "cpu" if self.backend is K else "cuda"
         if self.device == "cuda" and self.dtype != np.float32:
             raise CharrnnError("the CUDA backend computes in float32 only")
-        self.cell_id = CELL_IDS[cell, self.config["nonlinearity"]]
+        self.cell_id = cell_id(cell, self.config["nonlinearity"], layer_norm)
         self.shapes = param_shapes(self.config)  # name -> shape, in the flat buffer's order
         n = sum(int(np.prod(s)) for s in self.shapes.values())
         # weights, gradients and two optimizer slots
@@ -81,6 +86,8 @@ class Model:
         for name, w in named_views(self.shapes, host).items():
             if name == "encoder.weight":
                 w[...] = self._rng.standard_normal(w.shape)
+            elif name.startswith("rnn.layer_norm"):  # gains 1, biases 0, as nn.LayerNorm
+                w[0], w[1] = 1, 0
             else:
                 w[...] = self._rng.uniform(-bound, bound, w.shape)
         self.backend.put(self.params, host)
@@ -403,8 +410,8 @@ class Model:
                 lay.inp = inp
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
             K.recurrent_forward(self.cell_id, lay.xp, noise.weight(p, f"rnn.weight_hh_l{k}"),
-                                p[f"rnn.bias_hh_l{k}"], lay.hs, lay.cs, lay.gates,
-                                lay.hn, ws.gh)
+                                p[f"rnn.bias_hh_l{k}"], p.get(f"rnn.layer_norm_l{k}", ws.no_norm),
+                                lay.hs, lay.cs, lay.gates, lay.saved, ws.gh)
         ws.top = self._dropped_output(ws, L - 1, noise.mask(L - 1, L))
         K.linear_forward(ws.logits, ws.top, p["decoder.weight"], p["decoder.bias"])
 
@@ -422,9 +429,11 @@ class Model:
             K.apply_dropout(dh, ws.ddropped, ws.layers[L - 1].mask)
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
-            K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], lay.hs, lay.cs,
-                                 lay.gates, lay.hn, ws.dxp, ws.dgh, ws.dh_rec, ws.carry,
-                                 g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"])
+            norm = f"rnn.layer_norm_l{k}"
+            K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], p.get(norm, ws.no_norm),
+                                 lay.hs, lay.cs, lay.gates, lay.saved, ws.dxp, ws.dgh,
+                                 ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
+                                 g[f"rnn.bias_hh_l{k}"], g.get(norm, ws.dno_norm))
             noise.chain(K, g, f"rnn.weight_hh_l{k}")
             dxp2 = ws.dxp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
@@ -488,13 +497,14 @@ class Model:
 class _Layer:
     """Per-layer buffers of one window, kept for the backward pass."""
 
-    def __init__(self, zeros, cell, B, T, H, G, dtype):
+    def __init__(self, zeros, cell, B, T, H, G, dtype, layer_norm):
         z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
         self.xp = z(T, B, G * H)
         self.hs = z(T + 1, B, H)
         # a cell's unused buffers are stand-ins with one per step (cpu.recurrent_forward)
         self.cs = z(T + 1, B, H) if cell == "lstm" else z(T + 1, 1, 1)
-        self.hn = z(T, B, H) if cell == "gru" else z(T, 1, 1)
+        S = saved_width(cell, H, layer_norm)
+        self.saved = z(T, B, S) if S else z(T, 1, 1)
         self.gates = z(T, B, G * H) if cell != "rnn" else z(T, 1, 1)
         self.mask = z(T, B, H)      # dropout on this layer's output (between layers, or the top's)
         self.dropped = z(T * B, H)
@@ -510,7 +520,10 @@ class _Workspace:
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
         G = gates(c["cell"], c["nonlinearity"])
         self.B, self.T = B, T
-        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt) for _ in range(c["layers"])]
+        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, c["layer_norm"])
+                       for _ in range(c["layers"])]
+        self.no_norm = zeros((2, 1), dt)   # the stand-in for layer_norm's weights when off
+        self.dno_norm = zeros((2, 1), dt)
         self.gh = zeros((B, G * H), dt)
         self.logits = zeros((T * B, V), dt)
         self.dlogits = zeros((T * B, V), dt)

@@ -18,6 +18,7 @@ from .files import atomic_write
 from .data import IdCache, Vocab, Windows, encode_files, split, worth_caching
 from .errors import CharrnnError
 from .kernels import backend
+from .kernels.cells import NORMALISED
 from .model import Model
 from .paths import cache_dir
 from .rundir import RunDir
@@ -43,6 +44,7 @@ class TrainConfig:
     weight_drop: float = None     # DropConnect on W_hh, one mask per window; None: auto
     embed_dropout: float = 0.0    # whole characters of the input, one mask per window
     locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
+    layer_norm: bool = None       # LSTM: gate blocks and cell layer-normalised; None: auto (on for the LSTM)
     epoch_shift: bool = False     # each epoch after the first starts the streams at a seeded random place
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
     seq_len: int = 50             # T: characters per window (BPTT length)
@@ -76,7 +78,8 @@ class TrainConfig:
 
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
-                       "output_dropout", "weight_drop", "embed_dropout", "locked_dropout", "average",
+                       "output_dropout", "weight_drop", "embed_dropout", "locked_dropout",
+                       "layer_norm", "average",
                        "epoch_shift", "seq_len", "batch", "optimizer", "val_frac", "val_chars",
                        "seed", "bytes")
 
@@ -114,6 +117,8 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")
         need(0 < self.val_frac < 1, f"--val-frac must be in (0, 1), not {self.val_frac}")
+        need(not self.layer_norm or self.cell in NORMALISED,
+             f"--layer-norm is for --cell {' or '.join(NORMALISED)}, not {self.cell}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +289,9 @@ def _config(options, saved):
         cfg = TrainConfig(**options)
     else:
         # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and
-        # 0.1, before --epoch-shift read every epoch alike
+        # 0.1, before --epoch-shift read every epoch alike, before --layer-norm
         kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, "epoch_shift": False,
+                "layer_norm": False,
                 **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
@@ -299,6 +305,8 @@ def _config(options, saved):
             raise CharrnnError(f"the checkpoint's training options are not readable: {e}") from None
     if cfg.steps is None and cfg.epochs is None and cfg.minutes is None:
         cfg.minutes = DEFAULT_MINUTES
+    if cfg.layer_norm is None:
+        cfg.layer_norm = cfg.cell in NORMALISED
     cfg.validate()
     return cfg
 
@@ -385,7 +393,8 @@ class _Run:
                                embed=cfg.embed, dropout=cfg.dropout, seed=cfg.seed,
                                nonlinearity=cfg.nonlinearity, device=cfg.device,
                                output_dropout=cfg.output_dropout, weight_drop=cfg.weight_drop,
-                               embed_dropout=cfg.embed_dropout, locked_dropout=cfg.locked_dropout)
+                               embed_dropout=cfg.embed_dropout, locked_dropout=cfg.locked_dropout,
+                               layer_norm=cfg.layer_norm)
             self.model.vocab = vocab
         self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay,
                                        cfg.average, cfg.beta2)
@@ -415,7 +424,8 @@ class _Run:
         if self.lead:
             def make(hidden, layers):
                 return Model(vocab_size, cell=cfg.cell, hidden=hidden, layers=layers, embed=cfg.embed,
-                             nonlinearity=cfg.nonlinearity, device=cfg.device)
+                             nonlinearity=cfg.nonlinearity, device=cfg.device,
+                             layer_norm=cfg.layer_norm)
             measured = []  # measured only if the choice needs it
 
             def chars_per_second(n):
@@ -427,7 +437,8 @@ class _Run:
                 vocab_size, cfg.cell, train_chars, chars_per_second,
                 seconds=cfg.minutes * 60 if cfg.minutes else None,
                 budget_chars=self.max_steps * cfg.batch * cfg.seq_len if self.max_steps else None,
-                embed=cfg.embed, nonlinearity=cfg.nonlinearity, hidden=cfg.hidden,
+                embed=cfg.embed, nonlinearity=cfg.nonlinearity, layer_norm=cfg.layer_norm,
+                hidden=cfg.hidden,
                 layers=cfg.layers, dropout=cfg.dropout, weight_drop=cfg.weight_drop,
                 output_dropout=cfg.output_dropout)
         choice = world.broadcast(dataclasses.asdict(choice) if choice else None)

@@ -5,18 +5,34 @@ no code with charrnn's kernels. Weights use PyTorch's names and layouts.
 """
 import numpy as np
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+GATES = {"lstm": 4, "lstm-ln": 4, "gru": 3, "rnn": 1}
 
 
 def sigmoid(a):
     return 1.0 / (1.0 + np.exp(-a))
 
 
-def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh):
-    """One step of one layer for a batch: x [B,in], h, c [B,H] -> (h, c)."""
+def layer_norm(a, gain, bias, eps=1e-5):
+    """Each row of a normalised to mean 0 and variance 1 (+ eps), scaled, shifted."""
+    mean = a.mean(axis=-1, keepdims=True)
+    var = ((a - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (a - mean) / np.sqrt(var + eps) * gain + bias
+
+
+def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None):
+    """One step of one layer for a batch: x [B,in], h, c [B,H] -> (h, c).
+    "lstm-ln": the LSTM with each gate block's pre-activation and the cell
+    layer-normalised; norm [2, 5H]: gains and biases, blocks i, f, g, o, c."""
     H = h.shape[1]
     gi = x @ w_ih.T + b_ih
     gh = h @ w_hh.T + b_hh
+    if cell == "lstm-ln":
+        a = gi + gh
+        blocks = [layer_norm(a[:, q * H:(q + 1) * H], norm[0, q * H:(q + 1) * H],
+                             norm[1, q * H:(q + 1) * H]) for q in range(4)]
+        i, f, g, o = sigmoid(blocks[0]), sigmoid(blocks[1]), np.tanh(blocks[2]), sigmoid(blocks[3])
+        c = f * c + i * g
+        return o * np.tanh(layer_norm(c, norm[0, 4 * H:], norm[1, 4 * H:])), c
     if cell == "lstm":
         a = gi + gh
         i = sigmoid(a[:, :H])
@@ -64,7 +80,8 @@ def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None
         for t in range(T):
             h, c = cell_step(cell, nonlinearity, inputs[t], h, c,
                              params[f"rnn.weight_ih_l{k}"], params[f"rnn.weight_hh_l{k}"],
-                             params[f"rnn.bias_ih_l{k}"], params[f"rnn.bias_hh_l{k}"])
+                             params[f"rnn.bias_ih_l{k}"], params[f"rnn.bias_hh_l{k}"],
+                             params.get(f"rnn.layer_norm_l{k}"))
             outputs.append(h)
         hs.append(h)
         cs.append(c)
@@ -73,7 +90,7 @@ def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None
         inputs = outputs
     logits = np.stack([o @ params["decoder.weight"].T + params["decoder.bias"]
                        for o in inputs], axis=1)
-    state = (np.stack(hs), np.stack(cs)) if cell == "lstm" else (np.stack(hs),)
+    state = (np.stack(hs), np.stack(cs)) if cell.startswith("lstm") else (np.stack(hs),)
     return logits, state
 
 
@@ -89,9 +106,10 @@ def loss(params, x, y, cell, layers, nonlinearity="tanh", state=None, masks=None
     return cross_entropy(logits, y), state
 
 
-def finite_difference_grads(f, params, eps=1e-4):
+def finite_difference_grads(f, params, eps=1e-5):
     """Central differences of the scalar f(params) for every entry of every array
-    (eps 1e-4: truncation error ~eps^2, far above float64 round-off)."""
+    (eps 1e-5: truncation error ~eps^2 ~1e-10, which the layer norm's curvature
+    makes count at 1e-4; round-off ~1e-16/eps, still far below)."""
     grads = {}
     for name, w in params.items():
         g = np.zeros_like(w)

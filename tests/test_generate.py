@@ -212,8 +212,11 @@ def test_model_evaluate_gives_bits_per_char(saved):
     assert 0 < m.evaluate(TEXT[:200]) < math.log2(len(m.vocab)) + 1
 
 
-def test_checkpoint_weights_load_into_torch_by_name(saved):
+def test_plain_lstm_checkpoint_weights_load_into_torch_by_name(tmp_path):
     torch = pytest.importorskip("torch")
+    charrnn.train(_corpus(tmp_path), out=tmp_path / "run", steps=4, hidden=32, batch=4,
+                  seq_len=8, layer_norm=False, quiet=True)
+    saved = tmp_path / "run"
     m = charrnn.load(saved)
     c = m.config
     rnn = torch.nn.LSTM(c["vocab_size"], c["hidden"], c["layers"], batch_first=True)

@@ -9,14 +9,22 @@ import reference as ref
 from charrnn import CharrnnError, Model, parallel
 
 V, H, E, B, T = 7, 5, 3, 2, 4
-CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+# "lstm-ln": the LSTM with layer_norm (reference.cell_step)
+CELLS = [("lstm", "tanh"), ("lstm-ln", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
 CONFIGS = [(c, nl, L, e) for c, nl in CELLS for L in (1, 2) for e in (None, E)]
 IDS = [f"{c}-{nl}-L{L}-{'emb' if e else 'onehot'}" for c, nl, L, e in CONFIGS]
 
 
 def make_model(cell, nl, layers, embed, dtype=np.float64, dropout=0.0, seed=1):
-    return Model(V, cell=cell, hidden=H, layers=layers, embed=embed, dropout=dropout,
-                 seed=seed, nonlinearity=nl, dtype=dtype)
+    m = Model(V, cell=cell.removesuffix("-ln"), hidden=H, layers=layers, embed=embed,
+              dropout=dropout, seed=seed, nonlinearity=nl, dtype=dtype,
+              layer_norm=cell.endswith("-ln"))
+    rng = np.random.default_rng(seed)
+    for k in range(layers):  # gains and biases away from their 1 and 0, so that tests see them
+        norm = m.weights.get(f"rnn.layer_norm_l{k}")
+        if norm is not None:
+            norm[0], norm[1] = rng.uniform(0.5, 1.5, norm.shape[1]), rng.uniform(-0.5, 0.5, norm.shape[1])
+    return m
 
 
 def windows(seed=0):
@@ -82,7 +90,7 @@ def _next_dropout_masks(m, T, B):
             for _ in range(m.config["layers"] - 1)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-ln", "gru", "rnn"])
 def test_dropout_uses_the_same_mask_forward_and_backward(cell):
     m = make_model(cell, "tanh", 3, None, dropout=0.4)
     params = m.state_dict()
@@ -124,7 +132,7 @@ def threads():
         yield lambda n: stack.enter_context(parallel.thread_limit(n))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-ln", "gru", "rnn"])
 def test_batch_shards_give_the_one_shard_losses_gradients_and_states(cell, threads):
     stream = np.random.default_rng(3).integers(0, V, size=(9, 2 * T + 1))
     x1, y1, x2, y2 = stream[:, :T], stream[:, 1:T + 1], stream[:, T:2 * T], stream[:, T + 1:]
@@ -241,7 +249,11 @@ def test_losses_are_reproducible_for_a_seed():
 
 # ------------------------------------------------------------------ PyTorch
 
-@pytest.mark.parametrize("cell,nl,layers,embed", CONFIGS, ids=IDS)
+TORCH_NN = [(i, c) for i, c in zip(IDS, CONFIGS) if c[0] != "lstm-ln"]  # torch.nn has no LN-LSTM
+LN_CONFIGS = [(L, e) for L in (1, 2) for e in (None, E)]
+
+
+@pytest.mark.parametrize("cell,nl,layers,embed", [c for _, c in TORCH_NN], ids=[i for i, _ in TORCH_NN])
 def test_loss_and_gradients_match_torch(cell, nl, layers, embed):
     torch = pytest.importorskip("torch")
     m = make_model(cell, nl, layers, embed, dtype=np.float32)
@@ -280,6 +292,51 @@ def test_loss_and_gradients_match_torch(cell, nl, layers, embed):
             mod, attr = name.split(".")
             tg = getattr(modules[mod], attr).grad.numpy()
             assert rel_err(grads[name], tg) < 1e-4, name
+
+
+@pytest.mark.parametrize("layers,embed", LN_CONFIGS)
+def test_layer_norm_lstm_loss_and_gradients_match_torch_autograd(layers, embed):
+    # torch.nn has no LN-LSTM: the cell written in torch ops (F.layer_norm), differentiated by autograd
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    m = make_model("lstm-ln", "tanh", layers, embed, dtype=np.float32)
+    w = {k: torch.from_numpy(v).requires_grad_() for k, v in m.state_dict().items()}
+
+    def ln(a, norm, blk):
+        return F.layer_norm(a, (H,), norm[0, blk], norm[1, blk])
+
+    def torch_loss(x, y, state):
+        xt = torch.from_numpy(np.asarray(x, dtype=np.int64))
+        inp = w["encoder.weight"][xt] if embed else F.one_hot(xt, V).float()
+        hs, cs = [], []
+        for k in range(layers):
+            h, c = (torch.zeros(B, H), torch.zeros(B, H)) if state is None else (state[0][k], state[1][k])
+            norm, outs = w[f"rnn.layer_norm_l{k}"], []
+            for t in range(T):
+                a = inp[:, t] @ w[f"rnn.weight_ih_l{k}"].T + w[f"rnn.bias_ih_l{k}"] \
+                    + h @ w[f"rnn.weight_hh_l{k}"].T + w[f"rnn.bias_hh_l{k}"]
+                i, f, g, o = (ln(a[:, q * H:(q + 1) * H], norm, slice(q * H, (q + 1) * H))
+                              for q in range(4))
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(ln(c, norm, slice(4 * H, 5 * H)))
+                outs.append(h)
+            inp = torch.stack(outs, 1)
+            hs.append(h.detach())
+            cs.append(c.detach())
+        logits = inp @ w["decoder.weight"].T + w["decoder.bias"]
+        loss = F.cross_entropy(logits.reshape(-1, V), torch.from_numpy(np.asarray(y, np.int64)).reshape(-1))
+        return loss, (hs, cs)
+
+    state = tstate = None
+    for x, y in windows():
+        loss, grads, state = m.loss_and_grads(x, y, state)
+        for t in w.values():
+            t.grad = None
+        tloss, tstate = torch_loss(x, y, tstate)
+        tloss.backward()
+        assert loss == pytest.approx(tloss.item(), rel=1e-5)
+        for name, t in w.items():
+            assert rel_err(grads[name], t.grad.numpy()) < 1e-4, name
 
 
 @pytest.mark.parametrize("cell,beta2", [("lstm", 0.999), ("gru", 0.999), ("lstm", 0.99)])

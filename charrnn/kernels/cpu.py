@@ -23,7 +23,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic, overload
 
-from .cells import GATES, GRU, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
+from .cells import GATES, GRU, LN_EPS, LN_LSTM, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
 
 # fastmath without nnan/ninf: those would delete the isfinite checks on losses.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -393,6 +393,104 @@ def lstm_cell_backward(dh_out, dh_rec, gates, c_prev, c, dc, dxp):
 
 
 @njit(**_JIT)
+def layer_norm_forward(x, gain, bias, xhat):
+    """xhat = (x - mean x) / sqrt(var x + eps), x = gain * xhat + bias (in
+    place, over one block of units); returns the inverse deviation."""
+    n = x.shape[0]
+    inv_n = x.dtype.type(1.0 / n)  # in x's precision: float32 stays float32
+    s = x.dtype.type(0)
+    for j in range(n):
+        s += x[j]
+    mean = s * inv_n
+    v = x.dtype.type(0)
+    for j in range(n):
+        d = x[j] - mean
+        v += d * d
+    rstd = _ONE / np.sqrt(v * inv_n + x.dtype.type(LN_EPS))
+    for j in range(n):
+        xhat[j] = (x[j] - mean) * rstd
+        x[j] = gain[j] * xhat[j] + bias[j]
+    return rstd
+
+
+@njit(**_JIT)
+def layer_norm_backward(dy, gain, xhat, rstd, dgain, dbias):
+    """From dy = dL/d(layer_norm_forward's output) to dL/dx, in place in
+    dy; dgain, dbias accumulate."""
+    n = dy.shape[0]
+    inv_n = dy.dtype.type(1.0 / n)
+    s1 = s2 = dy.dtype.type(0)
+    for j in range(n):
+        dgain[j] += dy[j] * xhat[j]
+        dbias[j] += dy[j]
+        dx = dy[j] * gain[j]
+        s1 += dx
+        s2 += dx * xhat[j]
+    m1, m2 = s1 * inv_n, s2 * inv_n
+    for j in range(n):
+        dy[j] = rstd * (dy[j] * gain[j] - m1 - xhat[j] * m2)
+
+
+@njit(**_JIT)
+def ln_lstm_cell_forward(xp, gh, b_hh, norm, c_prev, gates, saved, c, h):
+    """The LSTM with layer normalisation (Ba, Kiros & Hinton 2016): each
+    gate block's pre-activation a_q and the cell c normalised over the H
+    units, then scaled and shifted (norm [2, 5H]: gains, biases; blocks i,
+    f, g, o, then c):  i,f,o = sigmoid(LN(a)), g = tanh(LN(a_g));
+    c = f*c_prev + i*g;  h = o*tanh(LN(c)).
+    saved [5H+5]: the normalised a [4H] and c [H], their inverse deviations."""
+    H = c.shape[0]
+    a = gates  # the pre-activations, normalised in place, then the gates
+    for j in range(4 * H):
+        a[j] = xp[j] + gh[j] + b_hh[j]
+    for q in range(4):
+        blk = slice(q * H, (q + 1) * H)
+        saved[5 * H + q] = layer_norm_forward(a[blk], norm[0, blk], norm[1, blk], saved[blk])
+    for j in range(H):
+        i = _sigmoid(a[j])
+        f = _sigmoid(a[H + j])
+        g = tanh(a[2 * H + j])
+        a[j], a[H + j], a[2 * H + j] = i, f, g
+        a[3 * H + j] = _sigmoid(a[3 * H + j])
+        c[j] = f * c_prev[j] + i * g
+        h[j] = c[j]
+    cb = slice(4 * H, 5 * H)
+    saved[5 * H + 4] = layer_norm_forward(h, norm[0, cb], norm[1, cb], saved[cb])
+    for j in range(H):
+        h[j] = a[3 * H + j] * tanh(h[j])
+
+
+@njit(**_JIT)
+def ln_lstm_cell_backward(dh_out, dh_rec, norm, gates, saved, c_prev, dc, dxp, dnorm):
+    """The gradient of ln_lstm_cell_forward; dc carries dL/dc from step
+    t+1 in and dL/dc_prev out, dnorm accumulates."""
+    H = c_prev.shape[0]
+    gc, bc = norm[0, 4 * H:], norm[1, 4 * H:]
+    dcn = dxp[2 * H:3 * H]  # scratch: dL/d(the normalised, scaled cell)
+    for j in range(H):
+        dh = dh_out[j] + dh_rec[j]
+        o = gates[3 * H + j]
+        tc = tanh(gc[j] * saved[4 * H + j] + bc[j])
+        dxp[3 * H + j] = dh * tc * o * (_ONE - o)
+        dcn[j] = dh * o * (_ONE - tc * tc)
+    layer_norm_backward(dcn, gc, saved[4 * H:5 * H], saved[5 * H + 4],
+                        dnorm[0, 4 * H:], dnorm[1, 4 * H:])
+    for j in range(H):
+        i = gates[j]
+        f = gates[H + j]
+        g = gates[2 * H + j]
+        dcj = dc[j] + dcn[j]
+        dxp[j] = dcj * g * i * (_ONE - i)
+        dxp[H + j] = dcj * c_prev[j] * f * (_ONE - f)
+        dxp[2 * H + j] = dcj * i * (_ONE - g * g)
+        dc[j] = dcj * f
+    for q in range(4):
+        blk = slice(q * H, (q + 1) * H)
+        layer_norm_backward(dxp[blk], norm[0, blk], saved[blk], saved[5 * H + q],
+                            dnorm[0, blk], dnorm[1, blk])
+
+
+@njit(**_JIT)
 def gru_cell_forward(xp, gh, b_hh, h_prev, gates, hn, h):
     """r,z = sigmoid;  n = tanh(x_n + r*(W_hn h + b_hn));  h = (1-z)*n + z*h_prev"""
     H = h.shape[0]
@@ -455,48 +553,59 @@ def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
 # ------------------------------------------------------- time loops (layers)
 
 @njit(**_JIT)
-def recurrent_step(cell, xp, w_hh, b_hh, h_in, c_in, gates, hn, gh, h_out, c_out, j0):
+def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
     """One time step of one layer for B streams: one GEMM gh = h_in W_hh^T,
     then one fused pass over the gates, row by row.
 
     h_in, c_in [B,H]   the state in (c_in: LSTM only)
-    xp, gates, gh [B,G*Hr], hn [B,Hr]: the input projection, the saved gates
+    xp, gates, gh [B,G*Hr]: the input projection, the saved gates
+    saved [B,S]: what the cell keeps for backward (cells.saved_width)
     w_hh [G*Hr,H], b_hh [G*Hr]: the rows of hidden units j0:j0+Hr
+    norm [2,5H]: LN-LSTM's gains and biases (others: a stand-in)
     h_out, c_out [B,H] hidden units j0:j0+Hr written
-    Training runs all units (j0 = 0, Hr = H); a sampling rank its share.
+    Training runs all units (j0 = 0, Hr = H); a sampling rank its share
+    (the LN-LSTM normalises over all H units: it cannot be split).
     """
     G = GATES[cell]
     B, j1 = xp.shape[0], j0 + xp.shape[1] // G
+    if cell == LN_LSTM and (j0 != 0 or j1 != h_in.shape[1] or norm.shape[1] != 5 * j1):
+        raise ValueError("recurrent_step: the LN-LSTM runs all H units, with norm [2, 5H]")
     relu = cell == RNN_RELU
     matmul(gh, h_in, w_hh, False, True)
     for b in range(B):
         if cell == LSTM:
             lstm_cell_forward(xp[b], gh[b], b_hh, c_in[b, j0:j1], gates[b],
                               c_out[b, j0:j1], h_out[b, j0:j1])
+        elif cell == LN_LSTM:
+            ln_lstm_cell_forward(xp[b], gh[b], b_hh, norm, c_in[b], gates[b], saved[b],
+                                 c_out[b], h_out[b])
         elif cell == GRU:
-            gru_cell_forward(xp[b], gh[b], b_hh, h_in[b, j0:j1], gates[b], hn[b], h_out[b, j0:j1])
+            gru_cell_forward(xp[b], gh[b], b_hh, h_in[b, j0:j1], gates[b], saved[b],
+                             h_out[b, j0:j1])
         else:
             rnn_cell_forward(xp[b], gh[b], b_hh, relu, h_out[b, j0:j1])
 
 
 @njit(**_JIT)
-def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
+def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
     """Run one layer over a window.
 
     xp [T,B,G*H]  input projections of all steps (one GEMM, done before)
     hs [T+1,B,H]  hidden states; hs[0] holds the incoming state
     cs [T+1,B,H]  LSTM cell states, cs[0] incoming ([T+1,1,1] for other cells)
-    gates [T,B,G*H], hn [T,B,H] (GRU only, else [T,1,1]): saved for backward
+    gates [T,B,G*H], saved [T,B,S] (cells.saved_width; [T,1,1] when 0):
+                  kept for backward
+    norm [2,5H]   LN-LSTM's gains and biases (others: a [2,1] stand-in)
     gh [B,G*H]    scratch for the recurrent GEMM
     """
     for t in range(xp.shape[0]):
-        recurrent_step(cell, xp[t], w_hh, b_hh, hs[t], cs[t], gates[t], hn[t], gh,
+        recurrent_step(cell, xp[t], w_hh, b_hh, norm, hs[t], cs[t], gates[t], saved[t], gh,
                        hs[t + 1], cs[t + 1], 0)
 
 
 @njit(**_JIT)
-def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
-                       dxp, dgh, dh_rec, carry, dw_hh, db_hh):
+def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
+                       dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
     """Truncated BPTT through one layer over a window.
 
     dh_out [T,B,H]  gradient reaching the layer's outputs from above
@@ -505,17 +614,21 @@ def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
                     takes (matmul alone decides which product runs)
     dxp [T,B,G*H]   out: gradient of the input projections (feeds
                     linear_backward / embedding_backward for W_ih, b_ih)
-    dgh [T,B,G*H]   out: gradient of h W_hh^T; for LSTM/RNN it is dxp itself,
-                    the caller passes the same array and it is not written
-    dh_rec, carry [B,H] scratch; dw_hh, db_hh overwritten.
+    dgh [T,B,G*H]   out: gradient of h W_hh^T; for the cells but the GRU it
+                    is dxp itself, the caller passes the same array and it
+                    is not written
+    dh_rec, carry [B,H] scratch; dw_hh, db_hh, dnorm (like norm) overwritten.
     No gradient flows into the incoming state (it is detached, as in
     char-rnn and torch-rnn).
     """
     T, B, H = dh_out.shape[0], dh_out.shape[1], dh_out.shape[2]
     if w_hh_t.shape[0] != H or w_hh_t.shape[1] != dgh.shape[2] or dw_hh.shape[0] != dgh.shape[2]:
         raise ValueError("recurrent_backward: w_hh_t must be [H, G*H] and dw_hh [G*H, H]")
+    if cell == LN_LSTM and (norm.shape[1] != 5 * H or dnorm.shape != norm.shape):
+        raise ValueError("recurrent_backward: the LN-LSTM needs norm and dnorm [2, 5H]")
     relu = cell == RNN_RELU
     carry[:] = 0
+    dnorm[:] = 0
     for t in range(T - 1, -1, -1):
         if t == T - 1:
             dh_rec[:] = 0
@@ -525,8 +638,11 @@ def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
             if cell == LSTM:
                 lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], cs[t, b],
                                    cs[t + 1, b], carry[b], dxp[t, b])
+            elif cell == LN_LSTM:
+                ln_lstm_cell_backward(dh_out[t, b], dh_rec[b], norm, gates[t, b], saved[t, b],
+                                      cs[t, b], carry[b], dxp[t, b], dnorm)
             elif cell == GRU:
-                gru_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], hn[t, b],
+                gru_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], saved[t, b],
                                   hs[t, b], carry[b], dxp[t, b], dgh[t, b])
             else:
                 rnn_cell_backward(dh_out[t, b], dh_rec[b], hs[t + 1, b], relu,
@@ -652,7 +768,7 @@ def sgd_update(p, g, buf, lr, momentum, wd, scale):
 # the speed one core reads them from its caches. Ranks (one thread each)
 # split the work by hidden units: rank r owns units j0:j1 of every layer and
 # holds their rows of W_ih, W_hh and the biases in its own flat buffer
-# ``rparams`` (``roffsets[k]`` = start of w_ih, w_hh, b_ih, b_hh of layer k;
+# ``rparams`` (``roffsets[k]`` = start of w_ih, w_hh, b_ih, b_hh, norm of layer k;
 # for one-hot input w_ih of layer 0 is stored transposed, [V, G*Hr], so the
 # projection is a row gather). After each layer the ranks meet at a barrier,
 # since the next layer and the next step read the whole hidden state. Every
@@ -738,14 +854,14 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
         sizes, and the rank's first hidden unit
     state = (hs, cs), each [L,2,S,H] and shared by the ranks: per layer, [p]
         is the state in and [1-p] the state out
-    scratch = (logits [S,V], xp, gates, gh [S,G*Hr], hn [S,Hr], emb [S,E], zero_e [E])
+    scratch = (logits [S,V], xp, gates, gh [S,G*Hr], saved [S,max(1,Sw)], emb [S,E], zero_e [E])
     sync = (flags, rank, n_ranks): the barrier
     Returns False if another rank aborted.
     """
     rparams, roffsets, params = net
     enc_off, dec_off, V, E, j0 = dims
     hs, cs = state
-    logits, xp, gates, gh, hn, emb, zero_e = scratch
+    logits, xp, gates, gh, saved, emb, zero_e = scratch
     flags, rank, n_ranks = sync
     L, H, GHr = hs.shape[0], hs.shape[3], xp.shape[1]
     q = 1 - p
@@ -756,6 +872,7 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
         w_hh = rparams[o[1]:o[1] + GHr * H].reshape(GHr, H)
         b_ih = rparams[o[2]:o[2] + GHr]
         b_hh = rparams[o[3]:o[3] + GHr]
+        norm = rparams[o[4]:o[4] + (10 * H if cell == LN_LSTM else 2)].reshape(2, -1)
         if k == 0 and enc_off < 0:
             embedding_forward(xp, w_ih.reshape(V, GHr), ids, b_ih)
         elif k == 0:
@@ -763,7 +880,7 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
             linear_forward(xp, emb, w_ih.reshape(GHr, E), b_ih)
         else:
             linear_forward(xp, hs[k - 1, q], w_ih.reshape(GHr, H), b_ih)
-        recurrent_step(cell, xp, w_hh, b_hh, hs[k, p], cs[k, p], gates, hn, gh,
+        recurrent_step(cell, xp, w_hh, b_hh, norm, hs[k, p], cs[k, p], gates, saved, gh,
                        hs[k, q], cs[k, q], j0)
         if not barrier(flags, rank, n_ranks, b + k + 1):
             return False

@@ -12,7 +12,8 @@ What differs from the CPU side, and why:
 - Matrix products are :func:`gemm`, a shared-memory tiled kernel: there is no
   ``np.dot`` inside ``cuda.jit`` code.
 - The loop over time stays in Python: per step one GEMM launch and one fused
-  gate kernel with a thread per ``(b, j)``.
+  gate kernel with a thread per ``(b, j)`` (per stream ``b`` for the LN-LSTM,
+  whose normalisations sum over the units).
 - Math is exact (``math.tanh``, ``math.exp``, no fastmath): the CPU's
   rational tanh exists only because Numba cannot vectorise libm on the CPU.
 - Every sum has a fixed order (one thread walks it, or a fixed tree), never
@@ -27,7 +28,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, float64
 
-from .cells import GRU, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
+from .cells import GRU, LN_EPS, LN_LSTM, LSTM, RNN_RELU, RNN_TANH  # noqa: F401  (the cell ids)
 
 # GEMM tiles are TILE x TILE, one thread per output element. The simulator
 # runs every GPU thread as a Python thread, so there the tiles are small.
@@ -266,7 +267,7 @@ def _preact(xp, gh, b_hh, t, b, k):
 
 
 @cuda.jit
-def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, hn):
+def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, saved):
     """Step t of every cell equation, one thread per (b, j); the rows of
     cpu.lstm_cell_forward / gru_cell_forward / rnn_cell_forward."""
     k = cuda.grid(1)
@@ -294,7 +295,7 @@ def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, hn):
         gates[t, b, j] = r
         gates[t, b, H + j] = z
         gates[t, b, 2 * H + j] = n
-        hn[t, b, j] = hnj
+        saved[t, b, j] = hnj
         hs[t + 1, b, j] = (_ONE - z) * n + z * hs[t, b, j]
     else:  # h = tanh(a) or relu(a)
         a = _preact(xp, gh, b_hh, t, b, j)
@@ -305,7 +306,7 @@ def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, hn):
 
 
 @cuda.jit
-def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, hn, carry, dxp, dgh):
+def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, saved, carry, dxp, dgh):
     """Step t of the cell gradients, one thread per (b, j); carry[b, j] is
     dL/dc (LSTM) or z*dh (GRU) passed from step t+1 to step t, and only this
     thread touches it."""
@@ -334,7 +335,7 @@ def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, hn, carry, dxp
         z = gates[t, b, H + j]
         n = gates[t, b, 2 * H + j]
         dn = dh * (_ONE - z) * (_ONE - n * n)
-        dr = dn * hn[t, b, j] * r * (_ONE - r)
+        dr = dn * saved[t, b, j] * r * (_ONE - r)
         dz = dh * (hs[t, b, j] - n) * z * (_ONE - z)
         dxp[t, b, j] = dr
         dxp[t, b, H + j] = dz
@@ -350,39 +351,158 @@ def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, hn, carry, dxp
         dxp[t, b, j] = dh * (_ONE - h * h)
 
 
+@cuda.jit(device=True)
+def _layer_norm_forward(x, gain, bias, xhat):
+    """cpu.layer_norm_forward on one block of one row (1-D views)."""
+    n = x.shape[0]
+    inv_n = _ONE / float32(n)  # float32 throughout: an int count would promote to float64
+    s = _ZERO
+    for j in range(n):
+        s += x[j]
+    mean = s * inv_n
+    v = _ZERO
+    for j in range(n):
+        d = x[j] - mean
+        v += d * d
+    rstd = _ONE / math.sqrt(v * inv_n + float32(LN_EPS))
+    for j in range(n):
+        xhat[j] = (x[j] - mean) * rstd
+        x[j] = gain[j] * xhat[j] + bias[j]
+    return rstd
+
+
+@cuda.jit(device=True)
+def _layer_norm_backward(dy, gain, xhat, rstd, dgain, dbias):
+    """cpu.layer_norm_backward on one block of one row (1-D views)."""
+    n = dy.shape[0]
+    inv_n = _ONE / float32(n)
+    s1 = _ZERO
+    s2 = _ZERO
+    for j in range(n):
+        dgain[j] += dy[j] * xhat[j]
+        dbias[j] += dy[j]
+        dx = dy[j] * gain[j]
+        s1 += dx
+        s2 += dx * xhat[j]
+    m1 = s1 * inv_n
+    m2 = s2 * inv_n
+    for j in range(n):
+        dy[j] = rstd * (dy[j] * gain[j] - m1 - xhat[j] * m2)
+
+
+@cuda.jit
+def _ln_lstm_forward_kernel(t, xp, gh, b_hh, norm, hs, cs, gates, saved):
+    """Step t of cpu.ln_lstm_cell_forward, one thread per stream b (each
+    normalisation sums over the units: one thread walks the sum)."""
+    b = cuda.grid(1)
+    H = hs.shape[2]
+    if b >= hs.shape[1]:
+        return
+    a, sv, h = gates[t, b], saved[t, b], hs[t + 1, b]
+    for j in range(4 * H):
+        a[j] = xp[t, b, j] + gh[b, j] + b_hh[j]
+    for q in range(4):
+        lo, hi = q * H, (q + 1) * H
+        sv[5 * H + q] = _layer_norm_forward(a[lo:hi], norm[0, lo:hi], norm[1, lo:hi], sv[lo:hi])
+    for j in range(H):
+        i = _sigmoid(a[j])
+        f = _sigmoid(a[H + j])
+        g = math.tanh(a[2 * H + j])
+        a[j] = i
+        a[H + j] = f
+        a[2 * H + j] = g
+        a[3 * H + j] = _sigmoid(a[3 * H + j])
+        c = f * cs[t, b, j] + i * g
+        cs[t + 1, b, j] = c
+        h[j] = c
+    sv[5 * H + 4] = _layer_norm_forward(h, norm[0, 4 * H:], norm[1, 4 * H:], sv[4 * H:5 * H])
+    for j in range(H):
+        h[j] = a[3 * H + j] * math.tanh(h[j])
+
+
+@cuda.jit
+def _ln_lstm_backward_kernel(t, dh_out, dh_rec, norm, gates, saved, cs, carry, dxp, dnorm_rows):
+    """Step t of cpu.ln_lstm_cell_backward, one thread per stream b; the
+    gains' and biases' gradients accumulate in the stream's own row of
+    dnorm_rows [B, 2, 5H] (summed over the streams afterwards)."""
+    b = cuda.grid(1)
+    H = cs.shape[2]
+    if b >= cs.shape[1]:
+        return
+    gt, sv, d, dn = gates[t, b], saved[t, b], dxp[t, b], dnorm_rows[b]
+    dcn = d[2 * H:3 * H]  # scratch: dL/d(the normalised, scaled cell)
+    for j in range(H):
+        dh = dh_out[t, b, j] + dh_rec[b, j]
+        o = gt[3 * H + j]
+        tc = math.tanh(norm[0, 4 * H + j] * sv[4 * H + j] + norm[1, 4 * H + j])
+        d[3 * H + j] = dh * tc * o * (_ONE - o)
+        dcn[j] = dh * o * (_ONE - tc * tc)
+    _layer_norm_backward(dcn, norm[0, 4 * H:], sv[4 * H:5 * H], sv[5 * H + 4],
+                         dn[0, 4 * H:], dn[1, 4 * H:])
+    for j in range(H):
+        i = gt[j]
+        f = gt[H + j]
+        g = gt[2 * H + j]
+        dc = carry[b, j] + dcn[j]
+        d[j] = dc * g * i * (_ONE - i)
+        d[H + j] = dc * cs[t, b, j] * f * (_ONE - f)
+        d[2 * H + j] = dc * i * (_ONE - g * g)
+        carry[b, j] = dc * f
+    for q in range(4):
+        lo, hi = q * H, (q + 1) * H
+        _layer_norm_backward(d[lo:hi], norm[0, lo:hi], sv[lo:hi], sv[5 * H + q],
+                             dn[0, lo:hi], dn[1, lo:hi])
+
+
 # ------------------------------------------------------- time loops (layers)
 
-def recurrent_forward(cell, xp, w_hh, b_hh, hs, cs, gates, hn, gh):
+def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
     """Run one layer over a window (see cpu.recurrent_forward for the arrays).
 
     Per step: one GEMM gh = h W_hh^T, then one fused launch over the gates.
-    cs and hn are only touched by the cells that use them (LSTM, GRU).
+    cs, saved and norm are only touched by the cells that use them.
     """
     T, B, H = xp.shape[0], xp.shape[1], hs.shape[2]
+    if cell == LN_LSTM and norm.shape != (2, 5 * H):
+        raise ValueError(f"recurrent_forward: the LN-LSTM needs norm [2, {5 * H}], not {norm.shape}")
     for t in range(T):
         gemm(gh, hs[t], w_hh, trans_b=True)
-        _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, hs, cs, gates, hn)
+        if cell == LN_LSTM:
+            _ln_lstm_forward_kernel[_launch(B)](t, xp, gh, b_hh, norm, hs, cs, gates, saved)
+        else:
+            _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, hs, cs, gates, saved)
 
 
-def recurrent_backward(cell, dh_out, w_hh_t, hs, cs, gates, hn,
-                       dxp, dgh, dh_rec, carry, dw_hh, db_hh):
+def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
+                       dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
     """Truncated BPTT through one layer over a window (see
-    cpu.recurrent_backward): for LSTM/RNN the caller passes dxp as dgh.
-    w_hh_t [H,G*H] is W_hh transposed; dh_rec, carry [B,H] scratch; dw_hh,
-    db_hh overwritten."""
+    cpu.recurrent_backward): for the cells but the GRU the caller passes dxp
+    as dgh. w_hh_t [H,G*H] is W_hh transposed; dh_rec, carry [B,H] scratch;
+    dw_hh, db_hh, dnorm overwritten."""
     T, B, H = dh_out.shape[0], dh_out.shape[1], hs.shape[2]
     G = dgh.shape[2]
     if w_hh_t.shape != (H, G) or dw_hh.shape != (G, H):
         raise ValueError(f"recurrent_backward: w_hh_t {w_hh_t.shape} must be {(H, G)} "
                          f"and dw_hh {dw_hh.shape} {(G, H)}")
+    if cell == LN_LSTM and (norm.shape != (2, 5 * H) or dnorm.shape != norm.shape):
+        raise ValueError(f"recurrent_backward: the LN-LSTM needs norm and dnorm [2, {5 * H}]")
+    dnorm_rows = zeros((B,) + norm.shape) if cell == LN_LSTM else None
     _zero(carry)
     for t in range(T - 1, -1, -1):
         if t == T - 1:
             _zero(dh_rec)
         else:
             gemm(dh_rec, dgh[t + 1], w_hh_t, trans_b=True)
-        _cell_backward_kernel[_launch(B * H)](cell, t, dh_out, dh_rec, gates, hs, cs,
-                                              hn, carry, dxp, dgh)
+        if cell == LN_LSTM:
+            _ln_lstm_backward_kernel[_launch(B)](t, dh_out, dh_rec, norm, gates, saved, cs,
+                                                 carry, dxp, dnorm_rows)
+        else:
+            _cell_backward_kernel[_launch(B * H)](cell, t, dh_out, dh_rec, gates, hs, cs,
+                                                  saved, carry, dxp, dgh)
+    if cell == LN_LSTM:  # the streams' rows summed in a fixed order
+        column_sum(dnorm.reshape(-1), dnorm_rows.reshape(B, -1))
+    else:
+        _zero(dnorm)
     # Weight gradient as one GEMM over the window: dW_hh = dgh^T h_prev.
     dg2 = dgh.reshape(T * B, G)
     gemm(dw_hh, dg2, hs[:T].reshape(T * B, H), trans_a=True)

@@ -63,6 +63,8 @@ def compile_all():
         "_transpose_kernel": (a2, a2),
         "_cell_forward_kernel": (i8, i8, a3, a2, a1, a3, a3, a3, a3),
         "_cell_backward_kernel": (i8, i8, a3, a2, a3, a3, a3, a3, a2, a3, a3),
+        "_ln_lstm_forward_kernel": (i8, a3, a2, a1, a2, a3, a3, a3, a3),
+        "_ln_lstm_backward_kernel": (i8, a3, a2, a2, a3, a3, a3, a2, a3, a3),
         "_softmax_cross_entropy_kernel": (a2, f8[::1], a2, ids, f8),
         "_squared_norm_kernel": (f8[::1], a1),
         "_adam_kernel": (a1, a1, a1, a1) + (f4,) * 8,

@@ -12,8 +12,8 @@ from charrnn.kernels import cpu
 
 H, B, T, V, E = 8, 2, 4, 7, 3
 # cell -> (kernel id, gate blocks G)
-CELLS = {"lstm": (cpu.LSTM, 4), "gru": (cpu.GRU, 3), "rnn_tanh": (cpu.RNN_TANH, 1),
-         "rnn_relu": (cpu.RNN_RELU, 1)}
+CELLS = {"lstm": (cpu.LSTM, 4), "lstm_ln": (cpu.LN_LSTM, 4), "gru": (cpu.GRU, 3),
+         "rnn_tanh": (cpu.RNN_TANH, 1), "rnn_relu": (cpu.RNN_RELU, 1)}
 TOL = 1e-5
 # cpu.py compiles with fastmath 'reassoc', which lets LLVM regroup
 # b2*v + (1-b2)*g*g: the CPU's moment buffers then stray ~2e-5 from exact
@@ -136,23 +136,27 @@ def test_apply_dropout_matches_cpu(gpu, dev, rng, randn):
 # ---------------------------------------------------------- recurrent layers
 # The CPU forward's saved state feeds both backwards.
 
-FORWARD_ARGS = ("xp", "w_hh", "b_hh", "hs", "cs", "gates", "hn", "gh")
+FORWARD_ARGS = ("xp", "w_hh", "b_hh", "norm", "hs", "cs", "gates", "saved", "gh")
+SAVED = {"gru": H, "lstm_ln": 5 * H + 5}  # cells.saved_width
 
 
 def layer(name, randn):
     """A layer's inputs and the buffers recurrent_forward fills, as host arrays."""
     G = CELLS[name][1]
     GH = G * H
+    lstm = name.startswith("lstm")
     st = {
         "xp": randn(T, B, GH, scale=0.8), "w_hh": randn(GH, H, scale=0.4),
         "b_hh": randn(GH, scale=0.2), "hs": np.zeros((T + 1, B, H), np.float32),
-        "cs": np.zeros((T + 1, B, H) if name == "lstm" else (1, 1, 1), np.float32),
+        "norm": (np.stack([1 + randn(GH + H, scale=0.3), randn(GH + H, scale=0.3)])
+                 if name == "lstm_ln" else np.zeros((2, 1), np.float32)),
+        "cs": np.zeros((T + 1, B, H) if lstm else (1, 1, 1), np.float32),
         "gates": np.zeros((T, B, GH), np.float32),
-        "hn": np.zeros((T, B, H) if name == "gru" else (1, 1, 1), np.float32),
+        "saved": np.zeros((T, B, SAVED[name]) if name in SAVED else (T, 1, 1), np.float32),
         "gh": np.zeros((B, GH), np.float32),
     }
     st["hs"][0] = randn(B, H, scale=0.5)
-    if name == "lstm":
+    if lstm:
         st["cs"][0] = randn(B, H, scale=0.5)
     return st
 
@@ -165,12 +169,12 @@ def test_recurrent_forward_matches_cpu(gpu, dev, randn, name):
     cpu.recurrent_forward(cell, *(st[k] for k in FORWARD_ARGS))
     gpu.recurrent_forward(cell, *(d[k] for k in FORWARD_ARGS))
     errors = {"hs": rel(d["hs"].copy_to_host()[1:], st["hs"][1:])}
-    if name == "lstm":
+    if name.startswith("lstm"):
         errors["cs"] = rel(d["cs"].copy_to_host()[1:], st["cs"][1:])
-    if name in ("lstm", "gru"):
+    if name in ("lstm", "lstm_ln", "gru"):
         errors["gates"] = rel(d["gates"].copy_to_host(), st["gates"])
-    if name == "gru":
-        errors["hn"] = rel(d["hn"].copy_to_host(), st["hn"])
+    if name in SAVED:
+        errors["saved"] = rel(d["saved"].copy_to_host(), st["saved"])
     assert_close(errors)
 
 
@@ -182,19 +186,21 @@ def test_recurrent_backward_matches_cpu(gpu, dev, randn, name):
     GH = st["xp"].shape[2]
     dh_out = randn(T, B, H)
     out = {"dxp": np.zeros((T, B, GH), np.float32), "dw_hh": np.zeros((GH, H), np.float32),
-           "db_hh": np.zeros(GH, np.float32)}
+           "db_hh": np.zeros(GH, np.float32), "dnorm": np.zeros_like(st["norm"])}
     out["dgh"] = np.zeros((T, B, GH), np.float32) if name == "gru" else out["dxp"]
     scratch = [np.zeros((B, H), np.float32) for _ in range(2)]  # dh_rec, carry
     st["w_hh_t"] = np.ascontiguousarray(st["w_hh"].T)
-    saved = [st[k] for k in ("w_hh_t", "hs", "cs", "gates", "hn")]
+    saved = [st[k] for k in ("w_hh_t", "norm", "hs", "cs", "gates", "saved")]
     cpu.recurrent_backward(cell, dh_out, *saved, out["dxp"], out["dgh"], *scratch,
-                           out["dw_hh"], out["db_hh"])
+                           out["dw_hh"], out["db_hh"], out["dnorm"])
     d = {k: dev(nan_like(v)) for k, v in out.items()}
     if name != "gru":
-        d["dgh"] = d["dxp"]  # LSTM/RNN: the same array, as the caller passes it
+        d["dgh"] = d["dxp"]  # the other cells: the same array, as the caller passes it
     gpu.recurrent_backward(cell, dev(dh_out), *map(dev, saved), d["dxp"], d["dgh"],
-                           *(dev(nan_like(s)) for s in scratch), d["dw_hh"], d["db_hh"])
+                           *(dev(nan_like(s)) for s in scratch), d["dw_hh"], d["db_hh"],
+                           d["dnorm"])
     names = ("dxp", "dgh", "dw_hh", "db_hh") if name == "gru" else ("dxp", "dw_hh", "db_hh")
+    names += ("dnorm",) if name == "lstm_ln" else ()
     assert_close({k: rel(d[k].copy_to_host(), out[k]) for k in names})
 
 

@@ -34,15 +34,16 @@ def model_pair(cell, nonlinearity, embed, **regularisers):
     return cpu, gpu
 
 
-@pytest.mark.parametrize("cell, nonlinearity, embed", [
-    ("lstm", "tanh", None), ("gru", "tanh", E), ("rnn", "tanh", None), ("rnn", "relu", E)],
-    ids=["lstm_onehot", "gru_embed", "rnn_tanh_onehot", "rnn_relu_embed"])
-def test_losses_gradients_and_adam_steps_match_the_cpu(cell, nonlinearity, embed):
+@pytest.mark.parametrize("cell, nonlinearity, embed, layer_norm", [
+    ("lstm", "tanh", None, False), ("lstm", "tanh", E, True), ("gru", "tanh", E, False),
+    ("rnn", "tanh", None, False), ("rnn", "relu", E, False)],
+    ids=["lstm_onehot", "lstm_ln_embed", "gru_embed", "rnn_tanh_onehot", "rnn_relu_embed"])
+def test_losses_gradients_and_adam_steps_match_the_cpu(cell, nonlinearity, embed, layer_norm):
     """Loss and every gradient over three windows, the state carried and
     every regulariser on, with a clipped Adam step after each (so the later
     windows see updated weights); then the weights and their average."""
     cpu, gpu = model_pair(cell, nonlinearity, embed, dropout=0.3, output_dropout=0.2, weight_drop=0.3,
-                          embed_dropout=0.2, locked_dropout=cell != "lstm")
+                          embed_dropout=0.2, locked_dropout=cell != "lstm", layer_norm=layer_norm)
     opts = [Optimizer.for_model(m, "adam", average=0.9) for m in (cpu, gpu)]
     errors, states = {}, [None, None]
     for w, (x, y) in enumerate(windows(0) + windows(1)[:1]):
