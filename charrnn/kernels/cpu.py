@@ -33,6 +33,15 @@ _JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # cache of their own would be placed when first called, outside the cache
 # directory that kernels/__init__.py chooses at import.
 _INLINED = {k: v for k, v in _JIT.items() if k != "cache"}
+# Kernels compiled without fastmath: the layer norm's and the time loops that
+# call the cells. With fastmath, the LN-LSTM's gradients from a cold kernel
+# cache differed from a warm cache's (by 1e-8, so the losses of two runs of
+# one seed drifted apart): how LLVM orders and fuses that arithmetic depended
+# on whether it was compiled into its caller there and then or loaded from
+# the cache. Without fastmath no order changes; eight partial sums (_dot),
+# which the compiler may run as one vector but never reorders, keep the sums
+# over units fast. The time loops do no arithmetic of their own.
+_EXACT = dict(cache=True, nogil=True, error_model="numpy")
 
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
@@ -392,46 +401,55 @@ def lstm_cell_backward(dh_out, dh_rec, gates, c_prev, c, dc, dxp):
         dc[j] = dcj * f
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
+def _dot(a, b):
+    """sum_j a[j] * b[j] (b None: sum_j a[j]) in a fixed order."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = a.dtype.type(0)
+    n, n8 = a.shape[0], a.shape[0] - a.shape[0] % 8
+    for j in range(0, n8, 8):
+        if b is None:
+            s0, s1, s2, s3 = s0 + a[j], s1 + a[j + 1], s2 + a[j + 2], s3 + a[j + 3]
+            s4, s5, s6, s7 = s4 + a[j + 4], s5 + a[j + 5], s6 + a[j + 6], s7 + a[j + 7]
+        else:
+            s0, s1, s2, s3 = (s0 + a[j] * b[j], s1 + a[j + 1] * b[j + 1],
+                              s2 + a[j + 2] * b[j + 2], s3 + a[j + 3] * b[j + 3])
+            s4, s5, s6, s7 = (s4 + a[j + 4] * b[j + 4], s5 + a[j + 5] * b[j + 5],
+                              s6 + a[j + 6] * b[j + 6], s7 + a[j + 7] * b[j + 7])
+    for j in range(n8, n):
+        s0 += a[j] if b is None else a[j] * b[j]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(**_EXACT)
 def layer_norm_forward(x, gain, bias, xhat):
     """xhat = (x - mean x) / sqrt(var x + eps), x = gain * xhat + bias (in
     place, over one block of units); returns the inverse deviation."""
-    n = x.shape[0]
-    inv_n = x.dtype.type(1.0 / n)  # in x's precision: float32 stays float32
-    s = x.dtype.type(0)
-    for j in range(n):
-        s += x[j]
-    mean = s * inv_n
-    v = x.dtype.type(0)
-    for j in range(n):
-        d = x[j] - mean
-        v += d * d
-    rstd = _ONE / np.sqrt(v * inv_n + x.dtype.type(LN_EPS))
-    for j in range(n):
-        xhat[j] = (x[j] - mean) * rstd
+    inv_n = x.dtype.type(1.0 / x.shape[0])  # in x's precision: float32 stays float32
+    mean = _dot(x, None) * inv_n
+    for j in range(x.shape[0]):
+        xhat[j] = x[j] - mean
+    rstd = _ONE / np.sqrt(_dot(xhat, xhat) * inv_n + x.dtype.type(LN_EPS))
+    for j in range(x.shape[0]):
+        xhat[j] *= rstd
         x[j] = gain[j] * xhat[j] + bias[j]
     return rstd
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def layer_norm_backward(dy, gain, xhat, rstd, dgain, dbias):
     """From dy = dL/d(layer_norm_forward's output) to dL/dx, in place in
     dy; dgain, dbias accumulate."""
-    n = dy.shape[0]
-    inv_n = dy.dtype.type(1.0 / n)
-    s1 = s2 = dy.dtype.type(0)
-    for j in range(n):
+    inv_n = dy.dtype.type(1.0 / dy.shape[0])
+    for j in range(dy.shape[0]):
         dgain[j] += dy[j] * xhat[j]
         dbias[j] += dy[j]
-        dx = dy[j] * gain[j]
-        s1 += dx
-        s2 += dx * xhat[j]
-    m1, m2 = s1 * inv_n, s2 * inv_n
-    for j in range(n):
-        dy[j] = rstd * (dy[j] * gain[j] - m1 - xhat[j] * m2)
+        dy[j] *= gain[j]  # now dL/dxhat
+    m1, m2 = _dot(dy, None) * inv_n, _dot(dy, xhat) * inv_n
+    for j in range(dy.shape[0]):
+        dy[j] = rstd * (dy[j] - m1 - xhat[j] * m2)
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def ln_lstm_cell_forward(xp, gh, b_hh, norm, c_prev, gates, saved, c, h):
     """The LSTM with layer normalisation (Ba, Kiros & Hinton 2016): each
     gate block's pre-activation a_q and the cell c normalised over the H
@@ -460,7 +478,7 @@ def ln_lstm_cell_forward(xp, gh, b_hh, norm, c_prev, gates, saved, c, h):
         h[j] = a[3 * H + j] * tanh(h[j])
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def ln_lstm_cell_backward(dh_out, dh_rec, norm, gates, saved, c_prev, dc, dxp, dnorm):
     """The gradient of ln_lstm_cell_forward; dc carries dL/dc from step
     t+1 in and dL/dc_prev out, dnorm accumulates."""
@@ -552,7 +570,7 @@ def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
 
 # ------------------------------------------------------- time loops (layers)
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
     """One time step of one layer for B streams: one GEMM gh = h_in W_hh^T,
     then one fused pass over the gates, row by row.
@@ -586,7 +604,7 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_o
             rnn_cell_forward(xp[b], gh[b], b_hh, relu, h_out[b, j0:j1])
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
     """Run one layer over a window.
 
@@ -603,7 +621,7 @@ def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
                        hs[t + 1], cs[t + 1], 0)
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
     """Truncated BPTT through one layer over a window.
@@ -842,7 +860,7 @@ def barrier(flags, rank, n_ranks, b):
     return True
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
     """Feed ids [S] (one character per stream) and write next-char logits [S,V]:
     this rank's share of one step, which passes barriers b+1 .. b+L.
@@ -934,7 +952,7 @@ def pick_token(logits, probs, temperature, top_k, top_p, u):
     return last
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def generate(cell, net, dims, state, scratch, sync, rule, uniforms, ids, probs, out):
     """Sample out[n, s] for n < N: draw from logits (the distribution of the
     next character), then feed the drawn characters to get the next logits;
