@@ -8,7 +8,7 @@ Four trainings, one after another (never two at once), each for --minutes of
 wall clock, evaluation time included on both sides:
 
   charrnn-defaults        charrnn train with nothing but the protocol flags
-  charrnn-charrnn-recipe  charrnn with CHARRNN_RECIPE (2x128 LSTM, no dropout,
+  charrnn-charrnn-recipe  charrnn with CHARRNN_RECIPE (2x128 plain LSTM, no dropout,
                           Adam 2e-3 constant), evaluated every --eval-seconds
   peer-charrnn-recipe     the peer with PEER_CHARRNN_RECIPE, same cadence
   peer-defaults           the peer with charrnn's previous defaults (2x256, dropout 0.25)
@@ -34,9 +34,9 @@ from charrnn.checkpoint import load  # noqa: E402
 from charrnn.corpora import builtin_names, builtin_path  # noqa: E402
 
 # char-rnn's recipe on charrnn; "EVAL" becomes "<eval-seconds>s". Turn off here
-# every regulariser or schedule that charrnn's defaults switch on.
-CHARRNN_RECIPE = ["--hidden", "128", "--layers", "2", "--dropout", "0", "--weight-drop", "0",
-                  "--output-dropout", "0", "--schedule", "constant", "--lr", "0.002",
+# every regulariser, schedule or layer norm that charrnn's defaults switch on.
+CHARRNN_RECIPE = ["--hidden", "128", "--layers", "2", "--no-layer-norm", "--dropout", "0",
+                  "--weight-drop", "0", "--output-dropout", "0", "--schedule", "constant", "--lr", "0.002",
                   "--beta2", "0.999", "--batch", "50", "--seq-len", "50", "--eval-every", "EVAL"]
 # The flags every charrnn run gets: the validation protocol (0 = score the whole tail).
 CHARRNN_PROTOCOL = ["--val-chars", "0", "--quiet"]

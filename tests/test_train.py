@@ -164,20 +164,31 @@ def test_a_time_budget_decays_the_learning_rate_with_the_clock_to_lr_end(corpus,
     assert rows[-1]["lr"] < 7e-4
 
 
-def test_a_run_saved_before_beta2_lr_end_and_epoch_shift_resumes_with_the_values_it_ran_with(
+def test_a_run_saved_before_beta2_lr_end_epoch_shift_and_layer_norm_resumes_as_it_ran(
         corpus, tmp_path):
-    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False)
+    opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False,
+                layer_norm=False)
     train(corpus, out=tmp_path / "whole", steps=20, **opts)
     train(corpus, out=tmp_path / "old", steps=10, **opts)
-    for name in ("last", "best"):  # as an older charrnn wrote them: without the three options
+    for name in ("last", "best"):  # as an older charrnn wrote them: without the four options
         path = tmp_path / "old" / f"{name}.ckpt"
         old = checkpoint.load(path, training=True)
-        del old.meta["train"]["beta2"], old.meta["train"]["lr_end"], old.meta["train"]["epoch_shift"]
+        for key in ("beta2", "lr_end", "epoch_shift", "layer_norm"):
+            del old.meta["train"][key]
+        del old.meta["model"]["layer_norm"]
         checkpoint.save(path, old)
     train(corpus, resume=tmp_path / "old", steps=20, quiet=True)
     assert losses(tmp_path / "old") == losses(tmp_path / "whole")
-    kept = checkpoint.load(tmp_path / "old", prefer="last").meta["train"]
-    assert (kept["beta2"], kept["lr_end"], kept["epoch_shift"]) == (0.999, 0.1, False)
+    kept = checkpoint.load(tmp_path / "old", prefer="last").meta
+    assert (kept["train"]["beta2"], kept["train"]["lr_end"], kept["train"]["epoch_shift"],
+            kept["train"]["layer_norm"], kept["model"]["layer_norm"]) == (0.999, 0.1, False, False, False)
+
+
+@pytest.mark.parametrize("cell,on", [("lstm", True), ("gru", False), ("rnn", False)])
+def test_layer_norm_is_on_by_default_for_the_lstm_only(corpus, tmp_path, cell, on):
+    m = train(corpus, out=tmp_path / "run", steps=2, cell=cell, **TINY)
+    assert m.config["layer_norm"] is on
+    assert checkpoint.load(tmp_path / "run", prefer="last").meta["train"]["layer_norm"] is on
 
 
 # windows of 16x32 characters: an epoch of the corpus's first 80% is 10 steps
@@ -341,6 +352,8 @@ def run_cli(*args):
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--eval-every", "10x"], "--eval-every must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--weight-drop", "1"], "--weight-drop must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--average", "-0.5"], "--average must be"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--cell", "gru", "--layer-norm"],
+     "--layer-norm is for --cell lstm"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--resume", "nowhere"], "no such checkpoint"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "--device cuda: .*(CUDA|cuda)"),
 ])
