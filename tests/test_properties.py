@@ -137,7 +137,10 @@ def test_float64_pass_on_any_shards_equals_the_reference(c):
         up[name], down[name] = w + eps * d, w - eps * d
         fd = (f(up)[0] - f(down)[0]) / (2 * eps)
         analytic = float(np.sum(grads[name] * d))
-        assert abs(fd - analytic) <= 1e-6 * (abs(analytic) + np.linalg.norm(grads[name])) + 1e-9, name
+        # a layer norm over a few near-equal units (deviation ~ sqrt(1e-5)) curves
+        # sharply: the central difference's own error grows there, not the gradient's
+        rtol = 1e-5 if c["layer_norm"] else 1e-6
+        assert abs(fd - analytic) <= rtol * (abs(analytic) + np.linalg.norm(grads[name])) + 1e-9, name
 
 
 TEXT = "the quick brown fox jumps over the lazy dog; 0123456789!\n"
