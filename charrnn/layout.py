@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from .errors import CharrnnError
-from .kernels.cells import CELL_IDS, CELLS, NORMALISED, gates
+from .kernels.cells import CELL_IDS, CELLS, MIN_NORMALISED_UNITS, NORMALISED, gates
 
 
 def _check_size(name, value, lo, hi=None):
@@ -45,6 +45,9 @@ def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, drop
         raise CharrnnError(f"layer_norm must be true or false, not {layer_norm!r}")
     if layer_norm and cell not in NORMALISED:
         raise CharrnnError(f"layer_norm is available for the {', '.join(NORMALISED)} cell, not {cell!r}")
+    if layer_norm and hidden < MIN_NORMALISED_UNITS:
+        raise CharrnnError(f"layer_norm needs hidden >= {MIN_NORMALISED_UNITS} (over one unit a layer "
+                           f"norm is its bias alone, over two a step), not {hidden}")
     return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
                 embed=int(embed) or None, nonlinearity=nonlinearity, **rates,
                 locked_dropout=locked_dropout, layer_norm=layer_norm)

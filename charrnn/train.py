@@ -18,7 +18,7 @@ from .files import atomic_write
 from .data import IdCache, Vocab, Windows, encode_files, split, worth_caching
 from .errors import CharrnnError
 from .kernels import backend
-from .kernels.cells import NORMALISED
+from .kernels.cells import MIN_NORMALISED_UNITS, NORMALISED
 from .model import Model
 from .paths import cache_dir
 from .rundir import RunDir
@@ -119,6 +119,9 @@ class TrainConfig:
         need(0 < self.val_frac < 1, f"--val-frac must be in (0, 1), not {self.val_frac}")
         need(not self.layer_norm or self.cell in NORMALISED,
              f"--layer-norm is for --cell {' or '.join(NORMALISED)}, not {self.cell}")
+        need(not self.layer_norm or self.hidden is None or self.hidden >= MIN_NORMALISED_UNITS,
+             f"--layer-norm needs --hidden {MIN_NORMALISED_UNITS} or more (over one unit a layer "
+             f"norm is its bias alone, over two a step), not {self.hidden}; or --no-layer-norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,8 +308,8 @@ def _config(options, saved):
             raise CharrnnError(f"the checkpoint's training options are not readable: {e}") from None
     if cfg.steps is None and cfg.epochs is None and cfg.minutes is None:
         cfg.minutes = DEFAULT_MINUTES
-    if cfg.layer_norm is None:
-        cfg.layer_norm = cfg.cell in NORMALISED
+    if cfg.layer_norm is None:  # auto: on for the LSTM wide enough to normalise
+        cfg.layer_norm = cfg.cell in NORMALISED and (cfg.hidden or MIN_NORMALISED_UNITS) >= MIN_NORMALISED_UNITS
     cfg.validate()
     return cfg
 

@@ -230,6 +230,7 @@ def test_initialisation_is_pytorchs_uniform_and_seeded():
     (dict(layers=0), "layers must be"),
     (dict(dropout=1.0), "dropout must be"),
     (dict(cell="lstm", nonlinearity="relu"), "not available"),
+    (dict(hidden=3, layer_norm=True), "layer_norm needs hidden >= 4"),
 ])
 def test_impossible_configurations_are_clear_errors(kwargs, match):
     with pytest.raises(CharrnnError, match=match):

@@ -191,6 +191,11 @@ def test_layer_norm_is_on_by_default_for_the_lstm_only(corpus, tmp_path, cell, o
     assert checkpoint.load(tmp_path / "run", prefer="last").meta["train"]["layer_norm"] is on
 
 
+def test_layer_norm_is_off_by_default_for_an_lstm_too_narrow_to_normalise(corpus, tmp_path):
+    m = train(corpus, out=tmp_path / "run", steps=2, **dict(TINY, hidden=3))
+    assert m.config["layer_norm"] is False
+
+
 # windows of 16x32 characters: an epoch of the corpus's first 80% is 10 steps
 SHIFTED = dict(TINY, batch=16, seq_len=32, val_frac=0.2, eval_every=5, epoch_shift=True)
 
@@ -354,6 +359,8 @@ def run_cli(*args):
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--average", "-0.5"], "--average must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--cell", "gru", "--layer-norm"],
      "--layer-norm is for --cell lstm"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--hidden", "2", "--layer-norm"],
+     "--layer-norm needs --hidden 4 or more"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--resume", "nowhere"], "no such checkpoint"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--device", "cuda"], "--device cuda: .*(CUDA|cuda)"),
 ])

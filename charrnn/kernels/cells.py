@@ -10,6 +10,7 @@ CELL_IDS = {("lstm", "tanh"): LSTM, ("gru", "tanh"): GRU,
             ("rnn", "tanh"): RNN_TANH, ("rnn", "relu"): RNN_RELU}
 CELLS = ("lstm", "gru", "rnn")
 NORMALISED = ("lstm",)  # the cells that take layer_norm
+MIN_NORMALISED_UNITS = 4  # a layer norm over 1 unit is its bias alone, over 2 a step
 LN_EPS = 1e-5  # added to the variance under the root, as torch.nn.LayerNorm
 
 
