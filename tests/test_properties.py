@@ -89,10 +89,11 @@ def test_sharded_pass_equals_the_one_shard_pass_for_any_batch_and_thread_count(c
     # its largest entry; the bug this guards against moved them by 0.27-0.72.
     # The states differ by the GEMMs' rounding (a shard of at most FEW_ROWS
     # streams runs charrnn's kernel, a bigger batch the BLAS), which a layer
-    # norm over a few near-equal units divides by their small deviation.
+    # norm over a few near-equal units divides by their small deviation (and
+    # so the gradients through it: 1.1e-3 drawn over 4 units and 3 layers).
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     for name in want_grads:
-        assert _rel(grads[name], want_grads[name]) < 1e-3, name
+        assert _rel(grads[name], want_grads[name]) < (5e-3 if c["layer_norm"] else 1e-3), name
     for got, want in zip(states, want_states):
         assert _rel(got, want) < (1e-4 if c["layer_norm"] else 1e-5)
 
@@ -102,7 +103,7 @@ def test_every_batch_size_and_thread_count_gives_the_one_shard_gradients():
     kinds = [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)]  # cell, layer_norm
     for B in range(1, 141):
         cell, layer_norm = kinds[B % 4]
-        c = dict(cell=cell, layer_norm=layer_norm, nonlinearity="tanh", layers=2, hidden=3, embed=None,
+        c = dict(cell=cell, layer_norm=layer_norm, nonlinearity="tanh", layers=2, hidden=4, embed=None,
                  dropout=0.3, output_dropout=0.3, weight_drop=0.3, embed_dropout=0.3, B=B, T=3, seed=B)
         want_losses, want_grads, _ = _train_two_windows(c, 1)
         for threads in (2, 3, 4):
