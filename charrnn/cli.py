@@ -111,7 +111,7 @@ def _train_options(f):
                      help="One dropout mask per stream for all the steps of a window."),
         click.option("--layer-norm/--no-layer-norm", default=None,
                      help="Layer normalisation of the gate blocks and the cell (LSTM only); "
-                          "default: on for the LSTM."),
+                          "default: on for the LSTM of 4 units or more."),
         click.option("--epoch-shift/--no-epoch-shift", default=D.epoch_shift, show_default=True,
                      help="Each epoch after the first starts the streams at a random place in the "
                           "text (seeded), so the windows' cuts and batch-mates change."),
