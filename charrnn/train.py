@@ -309,7 +309,7 @@ def _config(options, saved):
     if cfg.steps is None and cfg.epochs is None and cfg.minutes is None:
         cfg.minutes = DEFAULT_MINUTES
     if cfg.layer_norm is None:  # auto: on for the LSTM wide enough to normalise
-        cfg.layer_norm = cfg.cell in NORMALISED and (cfg.hidden or MIN_NORMALISED_UNITS) >= MIN_NORMALISED_UNITS
+        cfg.layer_norm = cfg.cell in NORMALISED and (cfg.hidden is None or cfg.hidden >= MIN_NORMALISED_UNITS)
     cfg.validate()
     return cfg
 

@@ -229,3 +229,13 @@ def test_a_shifted_epoch_reads_each_stream_on_and_every_place_at_most_once(n, ba
     start = (offset + np.arange(batch) * per_stream)[:, None]
     assert np.array_equal(x, (start + np.arange(per_stream)) % w.positions)  # streams read on
     assert len(np.unique(x)) == x.size  # no place twice in an epoch
+
+
+@settings(max_examples=100, deadline=None)
+@given(hidden=st.integers(1, 64))
+def test_a_layer_norm_is_refused_below_four_units_and_accepted_from_four(hidden):
+    if hidden < 4:
+        with pytest.raises(CharrnnError, match="layer_norm needs hidden >= 4"):
+            Model(V, hidden=hidden, layers=1, layer_norm=True)
+    else:
+        assert Model(V, hidden=hidden, layers=1, layer_norm=True).config["layer_norm"]
