@@ -32,9 +32,11 @@ def passes(draw):
     layer_norm = cell == "lstm" and draw(st.booleans())
     # a layer norm over one unit is its bias alone, over two the sign of their
     # difference: flat almost everywhere, a step where they tie (no gradient to
-    # compare); from four units on it is a norm
+    # compare); from four units on it is a norm, but over four a float64 finite
+    # difference drew 1.8e-5 off (its curvature where units nearly tie): eight
+    # here, four in the exhaustive plane below
     return dict(cell=cell, nonlinearity=nl, layers=draw(st.integers(1, 3)), layer_norm=layer_norm,
-                hidden=draw(st.integers(4 if layer_norm else 1, 24)),
+                hidden=draw(st.integers(8 if layer_norm else 1, 24)),
                 embed=draw(st.sampled_from([None, 4])),
                 # sampled_from draws uniformly: integers() favours small values
                 dropout=draw(st.sampled_from([0.0, 0.3])),
