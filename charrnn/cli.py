@@ -112,6 +112,10 @@ def _train_options(f):
         click.option("--layer-norm/--no-layer-norm", default=None,
                      help="Layer normalisation of the gate blocks and the cell (LSTM only); "
                           "default: on for the LSTM of 4 units or more."),
+        click.option("--zoneout", type=float, default=D.zoneout, show_default=True,
+                     help="LSTM: at each training step each unit's cell keeps its previous value "
+                          "with this probability (Krueger et al. 2017); inference takes the "
+                          "expected share of each new value."),
         click.option("--epoch-shift/--no-epoch-shift", default=D.epoch_shift, show_default=True,
                      help="Each epoch after the first starts the streams at a random place in the "
                           "text (seeded), so the windows' cuts and batch-mates change."),

@@ -14,7 +14,6 @@ from .generate import ids_to_score
 from .model import Model
 from .optim import Optimizer
 
-REGULARISERS = ("dropout", "output_dropout", "weight_drop", "embed_dropout")
 LR = 0.03      # SGD learning rate on a window's mean loss (nats); README: measured
 DECAY = 0.001  # share of the way back to the trained weights after each step
 WINDOW = 50    # characters scored before each update
@@ -31,9 +30,7 @@ def dynamic_score(model, text, lr=LR, decay=DECAY, window=WINDOW, skip_unknown=F
     if not (isinstance(window, int) and window >= 1):
         raise CharrnnError(f"the dynamic window must be a whole number >= 1, not {window!r}")
     ids, skipped = ids_to_score(model, text, skip_unknown)
-    # a copy without dropout: the updates follow the loss the text is scored with
-    learner = Model(**{**model.config, **{r: 0.0 for r in REGULARISERS}},
-                    dtype=model.dtype, device=model.device)
+    learner = Model(**model.config, dtype=model.dtype, device=model.device)
     learner.load_state_dict(model.state_dict())
     K = learner.backend
     trained = np.array(K.get(learner.params))
@@ -42,7 +39,8 @@ def dynamic_score(model, text, lr=LR, decay=DECAY, window=WINDOW, skip_unknown=F
     for j in range(0, len(ids) - 1, window):
         y = ids[j + 1:j + 1 + window]
         x = ids[j:j + len(y)]
-        loss, state = learner.train_pass(x[None, :], y[None, :], state)
+        # without the regularisers: the updates follow the loss the text is scored with
+        loss, state = learner.train_pass(x[None, :], y[None, :], state, regularise=False)
         total += loss * len(y)
         sgd.step(lr)
         weights = np.array(K.get(learner.params))

@@ -87,7 +87,8 @@ class Streams:
                                    emb=((S, E1), dt), zero_e=((E1,), dt))
         np.concatenate([np.ravel(x) for x in pieces], out=a["rparams"])
         off = model.offsets
-        return {"net": (a["rparams"], starts[:-1].reshape(-1, 5).astype(np.int64), model.params),
+        return {"net": (a["rparams"], starts[:-1].reshape(-1, 5).astype(np.int64), model.params,
+                        model.inference_update[0]),
                 "dims": (int(off.get("encoder.weight", -1)), int(off["decoder.weight"]), V, E, j0),
                 "scratch": (a["logits"], a["xp"], a["gates"], a["gh"], a["saved"], a["emb"],
                             a["zero_e"]),

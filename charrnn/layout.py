@@ -24,7 +24,7 @@ def _check_rate(name, value):
 
 def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
                  nonlinearity="tanh", output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0,
-                 locked_dropout=False, layer_norm=False):
+                 locked_dropout=False, layer_norm=False, zoneout=0.0):
     """The validated configuration of a model (``Model``'s arguments), as
     ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
     if cell not in CELLS:
@@ -38,7 +38,7 @@ def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, drop
     _check_size("embed", embed, 0, 1 << 16)
     rates = {name: _check_rate(name, value) for name, value in (
         ("dropout", dropout), ("output_dropout", output_dropout), ("weight_drop", weight_drop),
-        ("embed_dropout", embed_dropout))}
+        ("embed_dropout", embed_dropout), ("zoneout", zoneout))}
     if not isinstance(locked_dropout, bool):
         raise CharrnnError(f"locked_dropout must be true or false, not {locked_dropout!r}")
     if not isinstance(layer_norm, bool):
@@ -48,6 +48,8 @@ def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, drop
     if layer_norm and hidden < MIN_NORMALISED_UNITS:
         raise CharrnnError(f"layer_norm needs hidden >= {MIN_NORMALISED_UNITS} (over one unit a layer "
                            f"norm is its bias alone, over two a step), not {hidden}")
+    if rates["zoneout"] and cell != "lstm":
+        raise CharrnnError(f"zoneout holds an LSTM's cell state: it is for the lstm cell, not {cell!r}")
     return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
                 embed=int(embed) or None, nonlinearity=nonlinearity, **rates,
                 locked_dropout=locked_dropout, layer_norm=layer_norm)

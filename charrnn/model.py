@@ -30,7 +30,11 @@ class Model:
       on whole characters (rows of the embedding, or of W_ih0^T with
       one-hot input: one mask per window); ``locked_dropout``: the dropout
       masks hold for every time step of a window (one per stream and unit,
-      "variational" dropout) instead of one per step;
+      "variational" dropout) instead of one per step; ``zoneout`` (LSTM
+      only): in training each unit's cell keeps its previous value with this
+      probability at each step, instead of taking the new one (Krueger et
+      al. 2017); inference takes the expected share, 1 - zoneout, of each
+      new value (the cell equations are in the README);
     - ``layer_norm`` (LSTM only): each gate block's pre-activation and the
       cell normalised over the units, with a gain and a bias each
       (``rnn.layer_norm_l{k}`` [2, 5H]; Ba, Kiros & Hinton 2016);
@@ -48,10 +52,10 @@ class Model:
     def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
                  dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu",
                  output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0, locked_dropout=False,
-                 layer_norm=False):
+                 layer_norm=False, zoneout=0.0):
         self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity,
                                    output_dropout, weight_drop, embed_dropout, locked_dropout,
-                                   layer_norm)
+                                   layer_norm, zoneout)
         self.dtype = np.dtype(dtype)
         self.backend = backend(device)
         self.device = "cpu" if self.backend is K else "cuda"
@@ -68,6 +72,9 @@ class Model:
         self.gradients = named_views(self.shapes, self.grads)
         self._rng = np.random.default_rng(seed)      # init, then dropout masks
         self._init_weights()
+        # the LSTM's share of each new cell value at inference (kernels' ``update``)
+        self.inference_update = self.backend.zeros((1, 1, 1), self.dtype)
+        self.backend.put(self.inference_update, 1.0 - self.config["zoneout"])
         self._workspaces = {}
         self._w_hh_t = None    # the recurrent weights transposed, for BPTT
         self._dropped = {}     # name -> (mask, weights with the mask applied): weight_drop, embed_dropout
@@ -104,8 +111,10 @@ class Model:
         regulariser that is on: ``dropout``, one mask [T, B, H] per layer
         below the top, in layer order; ``output_dropout``, one [T, B, H];
         ``weight_drop``, one [G*H, H] per layer; ``embed_dropout``, one
-        [V, 1]. With ``locked_dropout`` the dropout masks are [1, B, H]. A
-        mask is ``random(shape, float32) >= p`` kept, scaled by 1/(1-p)."""
+        [V, 1]; ``zoneout``, one [T, B, H] per layer, in layer order. With
+        ``locked_dropout`` the dropout masks are [1, B, H]. A mask is
+        ``random(shape, float32) >= p`` kept, scaled by 1/(1-p) (zoneout's
+        not scaled: 1 takes the new cell value, 0 keeps the old)."""
         return self._rng.bit_generator.state
 
     @rng_state.setter
@@ -218,16 +227,19 @@ class Model:
         loss, state = self.train_pass(x, y, state)
         return loss, {name: self.backend.get(g) for name, g in self.gradients.items()}, state
 
-    def train_pass(self, x, y, state=None):
+    def train_pass(self, x, y, state=None, regularise=True):
         """loss_and_grads without handing out the gradients: they stay in
-        ``self.grads`` (on the device, for a GPU model) for the optimizer."""
-        total, state = self.window(x, y, state, train=True)
+        ``self.grads`` (on the device, for a GPU model) for the optimizer.
+        ``regularise`` False: the gradients of the inference loss (no
+        dropout, zoneout's expected share), as dynamic evaluation needs."""
+        total, state = self.window(x, y, state, train=True, regularise=regularise)
         return total / np.size(x), state
 
-    def window(self, x, y, state=None, train=False, part=None):
+    def window(self, x, y, state=None, train=False, part=None, regularise=True):
         """The summed cross-entropy of a window's targets ``y`` given ``x``
-        (both [B,T]) and the next state; with ``train`` (dropout on) the
-        gradients of the batch's mean loss land in ``self.grads``.
+        (both [B,T]) and the next state; with ``train`` the gradients of the
+        batch's mean loss land in ``self.grads``, and the regularisers
+        (dropout, zoneout) are on unless ``regularise`` is False.
 
         ``part`` = (first, batch): these B streams are streams first ..
         first+B-1 of a batch of ``batch`` (the others on other MPI ranks):
@@ -247,7 +259,8 @@ class Model:
         if not 0 <= first <= first + B <= batch:
             raise CharrnnError(f"streams {first}..{first + B - 1} are not part of a batch of {batch}")
         state = self._check_state(state, B)
-        noise = self._draw_noise(T, batch, slice(first, first + B)) if train else _NOISELESS
+        noise = self._draw_noise(T, batch, slice(first, first + B)) if train and regularise \
+            else _NOISELESS
         scale = 1.0 / (batch * T) if train else 0.0
         w_hh_t = self._transposed_w_hh(noise) if train else None  # BPTT reads W_hh transposed
         cuts = parallel.shard_cuts(B, None if self.device == "cpu" else 1)
@@ -307,6 +320,8 @@ class Model:
             name = "encoder.weight" if c["embed"] else "rnn.weight_ih_l0"
             rows = self._dropout_mask((c["vocab_size"], 1), c["embed_dropout"])
             dropped[name] = rows if c["embed"] else rows.T  # W_ih0 is [G*H, V]: columns
+        updates = [(self._rng.random((T, batch, H), dtype=np.float32) >= c["zoneout"])
+                   .astype(self.dtype)[:, streams] for _ in range(L)] if c["zoneout"] else None
         for name, mask in dropped.items():
             if name not in self._dropped:
                 shape = self.shapes[name]
@@ -314,7 +329,7 @@ class Model:
             mask_buf, weights = self._dropped[name]
             K.put(mask_buf, mask)  # broadcast to the weights' shape
             K.apply_dropout(weights, self.weights[name], mask_buf)
-        return _Noise(between, top, {name: self._dropped[name] for name in dropped})
+        return _Noise(between, top, {name: self._dropped[name] for name in dropped}, updates)
 
     # ------------------------------------------------------------ text and files
     def sample(self, length, temperature=1.0, prime="", top_k=None, top_p=None, seed=None):
@@ -409,9 +424,13 @@ class Model:
                     inp = self._dropped_output(ws, k - 1, noise.mask(k - 1, L))
                 lay.inp = inp
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
+            update = self.inference_update
+            if noise.updates is not None:  # zoneout's draws for this window
+                K.put(lay.update, noise.updates[k])
+                update = lay.update
             K.recurrent_forward(self.cell_id, lay.xp, noise.weight(p, f"rnn.weight_hh_l{k}"),
                                 p[f"rnn.bias_hh_l{k}"], p.get(f"rnn.layer_norm_l{k}", ws.no_norm),
-                                lay.hs, lay.cs, lay.gates, lay.saved, ws.gh)
+                                update, lay.hs, lay.cs, lay.gates, lay.saved, ws.gh)
         ws.top = self._dropped_output(ws, L - 1, noise.mask(L - 1, L))
         K.linear_forward(ws.logits, ws.top, p["decoder.weight"], p["decoder.bias"])
 
@@ -430,8 +449,9 @@ class Model:
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
             norm = f"rnn.layer_norm_l{k}"
+            update = self.inference_update if noise.updates is None else lay.update
             K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], p.get(norm, ws.no_norm),
-                                 lay.hs, lay.cs, lay.gates, lay.saved, ws.dxp, ws.dgh,
+                                 update, lay.hs, lay.cs, lay.gates, lay.saved, ws.dxp, ws.dgh,
                                  ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
                                  g[f"rnn.bias_hh_l{k}"], g.get(norm, ws.dno_norm))
             noise.chain(K, g, f"rnn.weight_hh_l{k}")
@@ -497,7 +517,7 @@ class Model:
 class _Layer:
     """Per-layer buffers of one window, kept for the backward pass."""
 
-    def __init__(self, zeros, cell, B, T, H, G, dtype, layer_norm):
+    def __init__(self, zeros, cell, B, T, H, G, dtype, layer_norm, zoneout):
         z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
         self.xp = z(T, B, G * H)
         self.hs = z(T + 1, B, H)
@@ -508,6 +528,7 @@ class _Layer:
         self.gates = z(T, B, G * H) if cell != "rnn" else z(T, 1, 1)
         self.mask = z(T, B, H)      # dropout on this layer's output (between layers, or the top's)
         self.dropped = z(T * B, H)
+        self.update = z(T, B, H) if zoneout else None  # zoneout's draws (recurrent_forward)
         self.inp = None
 
 
@@ -520,7 +541,7 @@ class _Workspace:
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
         G = gates(c["cell"], c["nonlinearity"])
         self.B, self.T = B, T
-        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, c["layer_norm"])
+        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, c["layer_norm"], c["zoneout"])
                        for _ in range(c["layers"])]
         self.no_norm = zeros((2, 1), dt)   # the stand-in for layer_norm's weights when off
         self.dno_norm = zeros((2, 1), dt)
@@ -558,18 +579,20 @@ class _Workspace:
 class _Noise:
     """A training window's regularisers: dropout masks on the layers'
     outputs (``between``: one per layer below the top, ``top``: the top
-    layer's; [T or 1, B, H] host arrays, or None when off) and the weights
+    layer's; [T or 1, B, H] host arrays, or None when off), the weights
     they drop (``dropped``: name -> (mask, masked weights), backend
-    arrays)."""
+    arrays) and zoneout's draws (``updates``: one [T, B, H] host array per
+    layer, or None when off)."""
 
-    def __init__(self, between=None, top=None, dropped=None):
+    def __init__(self, between=None, top=None, dropped=None, updates=None):
         self.between, self.top, self.dropped = between, top, dropped or {}
+        self.updates = updates
 
     def streams(self, b):
         """The same noise for the streams ``b`` of the batch (a shard)."""
         cut = lambda m: None if m is None else m[:, b]  # noqa: E731
-        return _Noise(None if self.between is None else [cut(m) for m in self.between],
-                      cut(self.top), self.dropped)
+        cut_all = lambda ms: None if ms is None else [cut(m) for m in ms]  # noqa: E731
+        return _Noise(cut_all(self.between), cut(self.top), self.dropped, cut_all(self.updates))
 
     def mask(self, k, layers):
         """The dropout mask on layer k's output, or None."""

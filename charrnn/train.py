@@ -45,6 +45,7 @@ class TrainConfig:
     embed_dropout: float = 0.0    # whole characters of the input, one mask per window
     locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
     layer_norm: bool = None       # LSTM: gate blocks and cell layer-normalised; None: auto (on for the LSTM)
+    zoneout: float = 0.0          # LSTM: each unit's cell keeps its old value with this probability per step
     epoch_shift: bool = False     # each epoch after the first starts the streams at a seeded random place
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
     seq_len: int = 50             # T: characters per window (BPTT length)
@@ -79,7 +80,7 @@ class TrainConfig:
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
                        "output_dropout", "weight_drop", "embed_dropout", "locked_dropout",
-                       "layer_norm", "average",
+                       "layer_norm", "zoneout", "average",
                        "epoch_shift", "seq_len", "batch", "optimizer", "val_frac", "val_chars",
                        "seed", "bytes")
 
@@ -103,9 +104,9 @@ class TrainConfig:
         need(0 <= self.decay_start < 1, f"--decay-start must be in [0, 1), not {self.decay_start}")
         need(0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], not {self.lr_end}")
         need(0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), not {self.beta2}")
-        for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "average"):
+        for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "zoneout", "average"):
             v = getattr(self, name)
-            need((v is None and name != "average") or isinstance(v, (int, float)) and 0 <= v < 1,
+            need((v is None and name not in ("zoneout", "average")) or isinstance(v, (int, float)) and 0 <= v < 1,
                  f"--{name.replace('_', '-')} must be in [0, 1), not {v!r}")
         Cadence.parse(self.eval_every)
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
@@ -117,6 +118,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or v > 0, f"--{name} must be > 0, not {v}")
         need(0 < self.val_frac < 1, f"--val-frac must be in (0, 1), not {self.val_frac}")
+        need(not self.zoneout or self.cell == "lstm", f"--zoneout is for --cell lstm, not {self.cell}")
         need(not self.layer_norm or self.cell in NORMALISED,
              f"--layer-norm is for --cell {' or '.join(NORMALISED)}, not {self.cell}")
         need(not self.layer_norm or self.hidden is None or self.hidden >= MIN_NORMALISED_UNITS,
@@ -292,9 +294,9 @@ def _config(options, saved):
         cfg = TrainConfig(**options)
     else:
         # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and
-        # 0.1, before --epoch-shift read every epoch alike, before --layer-norm
+        # 0.1, before --epoch-shift read every epoch alike, before --layer-norm, --zoneout
         kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, "epoch_shift": False,
-                "layer_norm": False,
+                "layer_norm": False, "zoneout": 0.0,
                 **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
@@ -397,7 +399,7 @@ class _Run:
                                nonlinearity=cfg.nonlinearity, device=cfg.device,
                                output_dropout=cfg.output_dropout, weight_drop=cfg.weight_drop,
                                embed_dropout=cfg.embed_dropout, locked_dropout=cfg.locked_dropout,
-                               layer_norm=cfg.layer_norm)
+                               layer_norm=cfg.layer_norm, zoneout=cfg.zoneout)
             self.model.vocab = vocab
         self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay,
                                        cfg.average, cfg.beta2)
@@ -428,7 +430,7 @@ class _Run:
             def make(hidden, layers):
                 return Model(vocab_size, cell=cfg.cell, hidden=hidden, layers=layers, embed=cfg.embed,
                              nonlinearity=cfg.nonlinearity, device=cfg.device,
-                             layer_norm=cfg.layer_norm)
+                             layer_norm=cfg.layer_norm, zoneout=cfg.zoneout)
             measured = []  # measured only if the choice needs it
 
             def chars_per_second(n):

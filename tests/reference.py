@@ -19,10 +19,12 @@ def layer_norm(a, gain, bias, eps=1e-5):
     return (a - mean) / np.sqrt(var + eps) * gain + bias
 
 
-def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None):
+def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None, update=1.0):
     """One step of one layer for a batch: x [B,in], h, c [B,H] -> (h, c).
     "lstm-ln": the LSTM with each gate block's pre-activation and the cell
-    layer-normalised; norm [2, 5H]: gains and biases, blocks i, f, g, o, c."""
+    layer-normalised; norm [2, 5H]: gains and biases, blocks i, f, g, o, c.
+    ``update`` (LSTMs): zoneout's share of the new cell value the cell
+    takes, [B,H] or one number: c = update*c_new + (1-update)*c_prev."""
     H = h.shape[1]
     gi = x @ w_ih.T + b_ih
     gh = h @ w_hh.T + b_hh
@@ -31,7 +33,7 @@ def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None):
         blocks = [layer_norm(a[:, q * H:(q + 1) * H], norm[0, q * H:(q + 1) * H],
                              norm[1, q * H:(q + 1) * H]) for q in range(4)]
         i, f, g, o = sigmoid(blocks[0]), sigmoid(blocks[1]), np.tanh(blocks[2]), sigmoid(blocks[3])
-        c = f * c + i * g
+        c = update * (f * c + i * g) + (1 - update) * c
         return o * np.tanh(layer_norm(c, norm[0, 4 * H:], norm[1, 4 * H:])), c
     if cell == "lstm":
         a = gi + gh
@@ -39,7 +41,7 @@ def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None):
         f = sigmoid(a[:, H:2 * H])
         g = np.tanh(a[:, 2 * H:3 * H])
         o = sigmoid(a[:, 3 * H:])
-        c = f * c + i * g
+        c = update * (f * c + i * g) + (1 - update) * c
         return o * np.tanh(c), c
     if cell == "gru":
         r = sigmoid(gi[:, :H] + gh[:, :H])
@@ -50,12 +52,15 @@ def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None):
     return (np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)), c
 
 
-def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None):
+def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None, updates=None):
     """Logits [B,T,V] of ids x [B,T] and the final state (h [L,B,H], c [L,B,H]).
 
     ``masks[k]`` [T,B,H] multiplies layer k's output before layer k+1
     reads it, or, for the top layer, before the decoder (inverted dropout,
     already scaled); None (the list or an entry) means no dropout there.
+    ``updates``: zoneout (LSTMs), one number for every layer, step and unit
+    (1 - the rate at inference), or a list of [T,B,H] draws per layer
+    (cell_step's ``update``); None: 1.
     """
     B, T = x.shape
     V = params["decoder.weight"].shape[0]
@@ -63,10 +68,11 @@ def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None
         inputs = [params["encoder.weight"][x[:, t]] for t in range(T)]
     else:
         inputs = [np.eye(V)[x[:, t]] for t in range(T)]
-    return forward_inputs(params, inputs, cell, layers, nonlinearity, state, masks)
+    return forward_inputs(params, inputs, cell, layers, nonlinearity, state, masks, updates)
 
 
-def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None, masks=None):
+def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None, masks=None,
+                   updates=None):
     """``forward`` from the first layer's input vectors: inputs[t] [B, in]
     (embedding rows, or one-hot rows)."""
     B, T = inputs[0].shape[0], len(inputs)
@@ -81,7 +87,9 @@ def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None
             h, c = cell_step(cell, nonlinearity, inputs[t], h, c,
                              params[f"rnn.weight_ih_l{k}"], params[f"rnn.weight_hh_l{k}"],
                              params[f"rnn.bias_ih_l{k}"], params[f"rnn.bias_hh_l{k}"],
-                             params.get(f"rnn.layer_norm_l{k}"))
+                             params.get(f"rnn.layer_norm_l{k}"),
+                             1.0 if updates is None else updates if np.isscalar(updates)
+                             else updates[k][t])
             outputs.append(h)
         hs.append(h)
         cs.append(c)
@@ -101,8 +109,8 @@ def cross_entropy(logits, y):
     return -np.take_along_axis(logp, y[..., None], axis=-1).mean()
 
 
-def loss(params, x, y, cell, layers, nonlinearity="tanh", state=None, masks=None):
-    logits, state = forward(params, x, cell, layers, nonlinearity, state, masks)
+def loss(params, x, y, cell, layers, nonlinearity="tanh", state=None, masks=None, updates=None):
+    logits, state = forward(params, x, cell, layers, nonlinearity, state, masks, updates)
     return cross_entropy(logits, y), state
 
 
@@ -130,7 +138,9 @@ def next_noise(m, T, B):
     """What charrnn model ``m``'s next training pass over B streams of T
     steps draws, in the order ``Model.rng_state`` documents: the masks on
     the layers' outputs [T,B,H] (None where off; for ``forward``'s
-    ``masks``) and the masks on weights, by parameter name (``dropped``)."""
+    ``masks``), the masks on weights, by parameter name (``dropped``), and
+    zoneout's draws per layer [T,B,H] (``forward``'s ``updates``; None
+    when off)."""
     rng = np.random.default_rng()
     rng.bit_generator.state = m.rng_state
     c = m.config
@@ -153,7 +163,9 @@ def next_noise(m, T, B):
     if c["embed_dropout"]:
         rows = mask((V, 1), c["embed_dropout"])
         weights["encoder.weight" if c["embed"] else "rnn.weight_ih_l0"] = rows if c["embed"] else rows.T
-    return outputs, weights
+    updates = [(rng.random((T, B, H), dtype=np.float32) >= c["zoneout"]) * 1.0
+               for _ in range(L)] if c["zoneout"] else None
+    return outputs, weights, updates
 
 
 def dropped(params, weight_masks):

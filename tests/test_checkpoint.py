@@ -121,7 +121,7 @@ def test_an_impossible_model_configuration_is_refused(good, tmp_path):
 def test_a_version_1_checkpoint_without_the_regularisers_still_loads(good, tmp_path):
     meta = json.loads(np.load(io.BytesIO(good["meta.npy"])).tobytes())
     meta["version"] = 1
-    for key in ("output_dropout", "weight_drop", "embed_dropout", "locked_dropout"):
+    for key in ("output_dropout", "weight_drop", "embed_dropout", "locked_dropout", "zoneout"):
         del meta["model"][key]
     raw = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     m = Model.from_checkpoint(checkpoint.load(crafted(tmp_path, good, **{"meta.npy": npy(raw)})))

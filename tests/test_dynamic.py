@@ -18,7 +18,7 @@ TEXT = "to be or not to be, that is the question.\n" * 20
 
 @pytest.fixture
 def model():
-    m = Model(len(Vocab(TEXT)), hidden=16, layers=2, seed=3, dropout=0.3, weight_drop=0.3)
+    m = Model(len(Vocab(TEXT)), hidden=16, layers=2, seed=3, dropout=0.3, weight_drop=0.3, zoneout=0.3)
     m.vocab = Vocab(TEXT)
     return m
 

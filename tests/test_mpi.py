@@ -27,7 +27,7 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY,
 
 # a constant rate and set regularisers: resuming extends the budget they would follow
 OPTS = ["--hidden", "24", "--batch", "12", "--seq-len", "16", "--dropout", "0.3", "--weight-drop", "0.2",
-        "--output-dropout", "0.1", "--schedule", "constant", "--eval-every", "10", "--quiet"]
+        "--output-dropout", "0.1", "--zoneout", "0.2", "--schedule", "constant", "--eval-every", "10", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,9 @@ def passes(draw):
                 output_dropout=draw(st.sampled_from([0.0, 0.3])),
                 weight_drop=draw(st.sampled_from([0.0, 0.3])),
                 embed_dropout=draw(st.sampled_from([0.0, 0.3])),
-                locked_dropout=draw(st.booleans()), B=draw(st.sampled_from(range(1, 141))),
+                locked_dropout=draw(st.booleans()),
+                zoneout=draw(st.sampled_from([0.0, 0.3])) if cell == "lstm" else 0.0,
+                B=draw(st.sampled_from(range(1, 141))),
                 T=draw(st.sampled_from(range(1, 21))), threads=draw(st.integers(1, 4)),
                 seed=draw(st.integers(0, 2 ** 16)))
 
@@ -55,7 +57,7 @@ def _windows(c):
     return [(stream[:, k * T:(k + 1) * T], stream[:, k * T + 1:(k + 1) * T + 1]) for k in (0, 1)]
 
 
-REGULARISERS = ("dropout", "output_dropout", "weight_drop", "embed_dropout", "locked_dropout")
+REGULARISERS = ("dropout", "output_dropout", "weight_drop", "embed_dropout", "locked_dropout", "zoneout")
 
 
 def _model(c, dtype):
@@ -106,7 +108,8 @@ def test_every_batch_size_and_thread_count_gives_the_one_shard_gradients():
     for B in range(1, 141):
         cell, layer_norm = kinds[B % 4]
         c = dict(cell=cell, layer_norm=layer_norm, nonlinearity="tanh", layers=2, hidden=4, embed=None,
-                 dropout=0.3, output_dropout=0.3, weight_drop=0.3, embed_dropout=0.3, B=B, T=3, seed=B)
+                 dropout=0.3, output_dropout=0.3, weight_drop=0.3, embed_dropout=0.3,
+                 zoneout=0.3 if cell == "lstm" else 0.0, B=B, T=3, seed=B)
         want_losses, want_grads, _ = _train_two_windows(c, 1)
         for threads in (2, 3, 4):
             losses, grads, _ = _train_two_windows(c, threads)
@@ -124,11 +127,11 @@ def test_float64_pass_on_any_shards_equals_the_reference(c):
         m = _model(c, np.float64)
         params = m.state_dict()
         _, _, state = m.loss_and_grads(x1, y1)
-        masks, weights = ref.next_noise(m, c["T"], c["B"])  # what the model is about to draw
+        masks, weights, updates = ref.next_noise(m, c["T"], c["B"])  # what the model is about to draw
         loss, grads, state2 = m.loss_and_grads(x2, y2, state)
     cell = "lstm-ln" if c["layer_norm"] else c["cell"]  # reference.cell_step's name
     f = lambda q: ref.loss(ref.dropped(q, weights), x2, y2, cell, L,  # noqa: E731
-                           c["nonlinearity"], state, masks)
+                           c["nonlinearity"], state, masks, updates)
     want, want_state = f(params)
     assert abs(loss - want) <= 1e-12 * abs(want)
     for got, w in zip(state2, want_state):
@@ -158,6 +161,7 @@ def samplers(draw):
     cell, nl = draw(st.sampled_from(CELLS))
     return dict(cell=cell, nonlinearity=nl, layers=draw(st.integers(1, 3)),
                 layer_norm=cell == "lstm" and draw(st.booleans()),
+                zoneout=draw(st.sampled_from([0.0, 0.3])) if cell == "lstm" else 0.0,
                 hidden=draw(st.integers(4, 40)), embed=draw(st.sampled_from([None, 5])),
                 streams=draw(st.integers(1, 5)), temperature=draw(st.sampled_from([0.0, 0.7, 1.3])),
                 top_k=draw(st.sampled_from([0, 3])), top_p=draw(st.sampled_from([1.0, 0.8])),
@@ -180,7 +184,7 @@ def test_sampled_text_state_and_logits_are_the_same_for_one_to_four_ranks(c):
     vocab = Vocab(TEXT)
     m = Model(len(vocab), cell=c["cell"], hidden=c["hidden"], layers=c["layers"],
               embed=c["embed"], nonlinearity=c["nonlinearity"], seed=c["seed"],
-              layer_norm=c["layer_norm"])
+              layer_norm=c["layer_norm"], zoneout=c["zoneout"])
     m.vocab = vocab
     one = _ranked_text(m, c, 1)
     for ranks in (2, 3, 4):

@@ -1,12 +1,13 @@
 """The regularisers (output dropout, weight drop, embedding dropout, locked
-dropout) and the weights' moving average, proven like the cells: against
+dropout, zoneout) and the weights' moving average, proven like the cells: against
 the float64 reference with the same masks, finite differences, PyTorch with
 the same weights and masks, and in training (same seed, exact resume)."""
 import numpy as np
 import pytest
 
 import reference as ref
-from charrnn import Model
+from charrnn import Model, generate
+from charrnn.errors import CharrnnError
 from charrnn.kernels import cpu as K
 from charrnn.optim import Optimizer
 
@@ -20,6 +21,21 @@ REGULARISERS = {
     "all": dict(dropout=0.2, output_dropout=0.2, weight_drop=0.3, embed_dropout=0.2,
                 locked_dropout=True, embed=E),
 }
+LSTM_ONLY = {  # zoneout holds the LSTM's cell
+    "zoneout": dict(zoneout=0.4),
+    "zoneout-layer-norm": dict(zoneout=0.4, layer_norm=True),
+    "all-lstm": dict(REGULARISERS["all"], zoneout=0.3, layer_norm=True),
+}
+CASES = [(cell, name) for cell in ("lstm", "gru", "rnn") for name in REGULARISERS] + \
+        [("lstm", name) for name in LSTM_ONLY]
+
+
+def options(name):
+    return {**REGULARISERS, **LSTM_ONLY}[name]
+
+
+def ref_cell(cell, opts):
+    return "lstm-ln" if opts.get("layer_norm") else cell
 
 
 def make_model(cell="lstm", layers=2, dtype=np.float64, seed=1, **regularisers):
@@ -35,43 +51,85 @@ def rel_err(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("name", REGULARISERS)
+@pytest.mark.parametrize("cell,name", CASES)
 def test_training_pass_equals_the_reference_with_the_same_masks(cell, name):
-    m = make_model(cell, **REGULARISERS[name])
+    m = make_model(cell, **options(name))
     x, y = window()
-    outputs, weights = ref.next_noise(m, T, B)
+    outputs, weights, updates = ref.next_noise(m, T, B)
     loss, _, state = m.loss_and_grads(x, y)
-    want, want_state = ref.loss(ref.dropped(m.state_dict(), weights), x, y, cell, 2, masks=outputs)
+    want, want_state = ref.loss(ref.dropped(m.state_dict(), weights), x, y, ref_cell(cell, options(name)),
+                                2, masks=outputs, updates=updates)
     assert loss == pytest.approx(want, rel=1e-12)
     for got, w in zip(state, want_state):
         np.testing.assert_allclose(got, w, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("name", REGULARISERS)
+@pytest.mark.parametrize("cell,name", CASES)
 def test_gradients_through_the_masks_match_finite_differences(cell, name):
-    m = make_model(cell, **REGULARISERS[name])
+    m = make_model(cell, **options(name))
     params = m.state_dict()
     x, y = window()
-    outputs, weights = ref.next_noise(m, T, B)
+    outputs, weights, updates = ref.next_noise(m, T, B)
     _, grads, _ = m.loss_and_grads(x, y)
     fd = ref.finite_difference_grads(
-        lambda p: ref.loss(ref.dropped(p, weights), x, y, cell, 2, masks=outputs)[0], params)
+        lambda p: ref.loss(ref.dropped(p, weights), x, y, ref_cell(cell, options(name)), 2,
+                           masks=outputs, updates=updates)[0], params)
     for k in params:
         assert rel_err(grads[k], fd[k]) < 1e-6, k
 
 
 def test_some_masks_drop_and_others_keep():
     m = make_model(**REGULARISERS["all"])
-    outputs, weights = ref.next_noise(m, T, B)
+    outputs, weights, _ = ref.next_noise(m, T, B)
     for mask in [o for o in outputs if o is not None] + list(weights.values()):
         assert (mask == 0).any() and (mask > 1).any()
 
 
+def test_zoneout_holds_some_cells_and_updates_others():
+    m = make_model(zoneout=0.5)
+    _, _, updates = ref.next_noise(m, T, B)
+    for u in updates:
+        assert set(np.unique(u)) == {0.0, 1.0}
+
+
+def test_a_held_cell_keeps_its_value_exactly():
+    m = make_model(zoneout=0.5, dtype=np.float32, layers=1)
+    x, _ = window()
+    state = tuple(np.random.default_rng(1).standard_normal((1, B, H)).astype(np.float32) for _ in range(2))
+    _, _, updates = ref.next_noise(m, 1, B)
+    _, _, after = m.loss_and_grads(x[:, :1], x[:, :1], state)
+    held = updates[0][0] == 0
+    assert held.any() and np.array_equal(after[1][0][held], state[1][0][held])
+
+
+def test_inference_takes_zoneouts_expected_share_of_each_new_cell():
+    m = make_model(zoneout=0.4)
+    x, y = window()
+    want, want_state = ref.loss(m.state_dict(), x, y, "lstm", 2, updates=0.6)
+    loss, state = m.loss(x, y)
+    assert loss == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(state[1], want_state[1], rtol=1e-12, atol=1e-14)
+
+
+def test_sampling_steps_like_the_forward_pass_with_zoneout():
+    m = make_model(zoneout=0.4, dtype=np.float32)
+    ids = window()[0][:1]
+    streams = generate.streams_for(m, 1)
+    for t in range(T):
+        streams.step(ids[:, t].astype(np.int32))
+    logits, state = m.forward(ids)
+    np.testing.assert_allclose(streams.logits, logits[:, -1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(streams.cs, state[1], rtol=1e-5, atol=1e-6)
+
+
+def test_zoneout_is_for_the_lstm():
+    with pytest.raises(CharrnnError, match="zoneout"):
+        make_model("gru", zoneout=0.2)
+
+
 def test_locked_masks_are_the_same_at_every_step_of_a_window():
     m = make_model(dropout=0.5, locked_dropout=True)
-    outputs, _ = ref.next_noise(m, T, B)
+    outputs, _, _ = ref.next_noise(m, T, B)
     x, y = window()
     loss, _, _ = m.loss_and_grads(x, y)
     assert all(np.array_equal(outputs[0][t], outputs[0][0]) for t in range(T))
@@ -98,7 +156,7 @@ def test_a_training_pass_leaves_the_weights_undropped(name):
 def test_ranks_parts_of_a_batch_draw_the_whole_batchs_masks():
     """Under MPI each rank runs part of the batch: the parts' summed losses
     and gradients are the whole batch's, masks on weights included."""
-    opts = REGULARISERS["all"]
+    opts = LSTM_ONLY["all-lstm"]
     x, y = window(batch=6)
     whole = make_model(**opts)
     total, _ = whole.window(x, y, train=True)
@@ -115,7 +173,7 @@ def test_ranks_parts_of_a_batch_draw_the_whole_batchs_masks():
 
 def test_losses_with_every_regulariser_are_reproducible_for_a_seed():
     def run():
-        m = make_model(dtype=np.float32, seed=7, **REGULARISERS["all"])
+        m = make_model(dtype=np.float32, seed=7, **LSTM_ONLY["all-lstm"])
         return [m.loss_and_grads(*window(seed))[0] for seed in range(3)]
     assert run() == run()
 
@@ -127,7 +185,7 @@ def test_loss_and_gradients_match_torch_with_the_same_masks(cell):
     m = make_model(cell, dtype=np.float32, **REGULARISERS["all"])
     params = m.state_dict()
     x, y = window()
-    outputs, weights = ref.next_noise(m, T, B)
+    outputs, weights, _ = ref.next_noise(m, T, B)
     loss, grads, _ = m.loss_and_grads(x, y)
 
     leaves = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
@@ -146,6 +204,43 @@ def test_loss_and_gradients_match_torch_with_the_same_masks(cell):
     assert loss == pytest.approx(tloss.item(), rel=1e-5)
     for k in params:
         assert rel_err(grads[k], leaves[k].grad.numpy()) < 1e-4, k
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["lstm", "lstm_ln"])
+def test_zoneout_loss_and_gradients_match_torch_autograd(layer_norm):
+    # torch.nn has no zoneout: the cell written in torch ops, with the model's draws
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    m = make_model(dtype=np.float32, zoneout=0.4, dropout=0.2, layer_norm=layer_norm)
+    x, y = window()
+    outputs, _, updates = ref.next_noise(m, T, B)
+    loss, grads, _ = m.loss_and_grads(x, y)
+    w = {k: torch.from_numpy(v).requires_grad_() for k, v in m.state_dict().items()}
+
+    def ln(a, k, q):  # block q of layer k's layer norm, or nothing without one
+        if not layer_norm:
+            return a
+        blk = slice(q * H, (q + 1) * H)
+        return F.layer_norm(a, (H,), w[f"rnn.layer_norm_l{k}"][0, blk], w[f"rnn.layer_norm_l{k}"][1, blk])
+    inp = F.one_hot(torch.from_numpy(x.astype(np.int64)), V).float()
+    for k in range(2):
+        h, c, outs = torch.zeros(B, H), torch.zeros(B, H), []
+        for t in range(T):
+            a = inp[:, t] @ w[f"rnn.weight_ih_l{k}"].T + w[f"rnn.bias_ih_l{k}"] \
+                + h @ w[f"rnn.weight_hh_l{k}"].T + w[f"rnn.bias_hh_l{k}"]
+            i, f, g, o = (ln(a[:, q * H:(q + 1) * H], k, q) for q in range(4))
+            u = torch.from_numpy(updates[k][t].astype(np.float32))
+            c = u * (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)) + (1 - u) * c
+            h = torch.sigmoid(o) * torch.tanh(ln(c, k, 4))
+            outs.append(h)
+        mask = outputs[k] if outputs[k] is not None else np.ones((T, B, H))
+        inp = torch.stack(outs, 1) * torch.from_numpy(np.ascontiguousarray(mask.transpose(1, 0, 2), np.float32))
+    logits = inp @ w["decoder.weight"].T + w["decoder.bias"]
+    tloss = F.cross_entropy(logits.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1))
+    tloss.backward()
+    assert loss == pytest.approx(tloss.item(), rel=1e-5)
+    for k, t in w.items():
+        assert rel_err(grads[k], t.grad.numpy()) < 1e-4, k
 
 
 # ------------------------------------------------------- the weights' average

@@ -364,16 +364,32 @@ def apply_dropout(out, x, mask):
 # One row = one batch element at one time step. xp: input projection
 # (x W_ih^T + b_ih), gh: recurrent projection (h W_hh^T), both [G*H].
 
+@njit(inline="always", **_JIT)
+def _share(update, j):
+    """The share of unit j's new cell value the cell takes: update [H], or
+    [1] for one share for every unit (cpu.recurrent_forward's ``update``)."""
+    return update[j] if update.shape[0] != 1 else update[0]
+
+
+@njit(inline="always", **_JIT)
+def _zoned(c_prev, new, u):
+    """Zoneout (Krueger et al. 2017): the cell takes the share u of its new
+    value, c = c_prev + u*(new - c_prev); exactly the new value for u = 1
+    (no zoneout) and exactly the old one for u = 0 (held)."""
+    return new if u == _ONE else c_prev + u * (new - c_prev)
+
+
 @njit(**_JIT)
-def lstm_cell_forward(xp, gh, b_hh, c_prev, gates, c, h):
-    """i,f,o = sigmoid, g = tanh;  c = f*c_prev + i*g;  h = o*tanh(c)"""
+def lstm_cell_forward(xp, gh, b_hh, update, c_prev, gates, c, h):
+    """i,f,o = sigmoid, g = tanh;  c = f*c_prev + i*g (zoned out: _zoned);
+    h = o*tanh(c)"""
     H = c.shape[0]
     for j in range(H):
         i = _sigmoid(xp[j] + gh[j] + b_hh[j])
         f = _sigmoid(xp[H + j] + gh[H + j] + b_hh[H + j])
         g = tanh(xp[2 * H + j] + gh[2 * H + j] + b_hh[2 * H + j])
         o = _sigmoid(xp[3 * H + j] + gh[3 * H + j] + b_hh[3 * H + j])
-        cj = f * c_prev[j] + i * g
+        cj = _zoned(c_prev[j], f * c_prev[j] + i * g, _share(update, j))
         gates[j] = i
         gates[H + j] = f
         gates[2 * H + j] = g
@@ -383,7 +399,7 @@ def lstm_cell_forward(xp, gh, b_hh, c_prev, gates, c, h):
 
 
 @njit(**_JIT)
-def lstm_cell_backward(dh_out, dh_rec, gates, c_prev, c, dc, dxp):
+def lstm_cell_backward(dh_out, dh_rec, gates, update, c_prev, c, dc, dxp):
     """dc carries dL/dc from step t+1 in and dL/dc_prev out."""
     H = c.shape[0]
     for j in range(H):
@@ -392,13 +408,15 @@ def lstm_cell_backward(dh_out, dh_rec, gates, c_prev, c, dc, dxp):
         f = gates[H + j]
         g = gates[2 * H + j]
         o = gates[3 * H + j]
+        u = _share(update, j)
         tc = tanh(c[j])
         dcj = dc[j] + dh * o * (_ONE - tc * tc)
-        dxp[j] = dcj * g * i * (_ONE - i)
-        dxp[H + j] = dcj * c_prev[j] * f * (_ONE - f)
-        dxp[2 * H + j] = dcj * i * (_ONE - g * g)
+        dnew = dcj * u  # dL/d(f*c_prev + i*g)
+        dxp[j] = dnew * g * i * (_ONE - i)
+        dxp[H + j] = dnew * c_prev[j] * f * (_ONE - f)
+        dxp[2 * H + j] = dnew * i * (_ONE - g * g)
         dxp[3 * H + j] = dh * tc * o * (_ONE - o)
-        dc[j] = dcj * f
+        dc[j] = dcj * (_ONE - u) + dnew * f
 
 
 @njit(**_EXACT)
@@ -450,12 +468,12 @@ def layer_norm_backward(dy, gain, xhat, rstd, dgain, dbias):
 
 
 @njit(**_EXACT)
-def ln_lstm_cell_forward(xp, gh, b_hh, norm, c_prev, gates, saved, c, h):
+def ln_lstm_cell_forward(xp, gh, b_hh, norm, update, c_prev, gates, saved, c, h):
     """The LSTM with layer normalisation (Ba, Kiros & Hinton 2016): each
     gate block's pre-activation a_q and the cell c normalised over the H
     units, then scaled and shifted (norm [2, 5H]: gains, biases; blocks i,
     f, g, o, then c):  i,f,o = sigmoid(LN(a)), g = tanh(LN(a_g));
-    c = f*c_prev + i*g;  h = o*tanh(LN(c)).
+    c = f*c_prev + i*g (zoned out: _zoned);  h = o*tanh(LN(c)).
     saved [5H+5]: the normalised a [4H] and c [H], their inverse deviations."""
     H = c.shape[0]
     a = gates  # the pre-activations, normalised in place, then the gates
@@ -470,7 +488,7 @@ def ln_lstm_cell_forward(xp, gh, b_hh, norm, c_prev, gates, saved, c, h):
         g = tanh(a[2 * H + j])
         a[j], a[H + j], a[2 * H + j] = i, f, g
         a[3 * H + j] = _sigmoid(a[3 * H + j])
-        c[j] = f * c_prev[j] + i * g
+        c[j] = _zoned(c_prev[j], f * c_prev[j] + i * g, _share(update, j))
         h[j] = c[j]
     cb = slice(4 * H, 5 * H)
     saved[5 * H + 4] = layer_norm_forward(h, norm[0, cb], norm[1, cb], saved[cb])
@@ -479,7 +497,7 @@ def ln_lstm_cell_forward(xp, gh, b_hh, norm, c_prev, gates, saved, c, h):
 
 
 @njit(**_EXACT)
-def ln_lstm_cell_backward(dh_out, dh_rec, norm, gates, saved, c_prev, dc, dxp, dnorm):
+def ln_lstm_cell_backward(dh_out, dh_rec, norm, gates, saved, update, c_prev, dc, dxp, dnorm):
     """The gradient of ln_lstm_cell_forward; dc carries dL/dc from step
     t+1 in and dL/dc_prev out, dnorm accumulates."""
     H = c_prev.shape[0]
@@ -497,11 +515,13 @@ def ln_lstm_cell_backward(dh_out, dh_rec, norm, gates, saved, c_prev, dc, dxp, d
         i = gates[j]
         f = gates[H + j]
         g = gates[2 * H + j]
+        u = _share(update, j)
         dcj = dc[j] + dcn[j]
-        dxp[j] = dcj * g * i * (_ONE - i)
-        dxp[H + j] = dcj * c_prev[j] * f * (_ONE - f)
-        dxp[2 * H + j] = dcj * i * (_ONE - g * g)
-        dc[j] = dcj * f
+        dnew = dcj * u  # dL/d(f*c_prev + i*g)
+        dxp[j] = dnew * g * i * (_ONE - i)
+        dxp[H + j] = dnew * c_prev[j] * f * (_ONE - f)
+        dxp[2 * H + j] = dnew * i * (_ONE - g * g)
+        dc[j] = dcj * (_ONE - u) + dnew * f
     for q in range(4):
         blk = slice(q * H, (q + 1) * H)
         layer_norm_backward(dxp[blk], norm[0, blk], saved[blk], saved[5 * H + q],
@@ -571,7 +591,7 @@ def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
 # ------------------------------------------------------- time loops (layers)
 
 @njit(**_EXACT)
-def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
+def recurrent_step(cell, xp, w_hh, b_hh, norm, update, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
     """One time step of one layer for B streams: one GEMM gh = h_in W_hh^T,
     then one fused pass over the gates, row by row.
 
@@ -580,6 +600,7 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_o
     saved [B,S]: what the cell keeps for backward (cells.saved_width)
     w_hh [G*Hr,H], b_hh [G*Hr]: the rows of hidden units j0:j0+Hr
     norm [2,5H]: LN-LSTM's gains and biases (others: a stand-in)
+    update [B,H] or [1,1]: the LSTM's share of each new cell value (zoneout)
     h_out, c_out [B,H] hidden units j0:j0+Hr written
     Training runs all units (j0 = 0, Hr = H); a sampling rank its share
     (the LN-LSTM normalises over all H units: it cannot be split).
@@ -588,14 +609,18 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_o
     B, j1 = xp.shape[0], j0 + xp.shape[1] // G
     if cell == LN_LSTM and (j0 != 0 or j1 != h_in.shape[1] or norm.shape[1] != 5 * j1):
         raise ValueError("recurrent_step: the LN-LSTM runs all H units, with norm [2, 5H]")
+    if update.shape != (1, 1) and update.shape != h_in.shape:
+        raise ValueError("recurrent_step: update must be [B, H] or [1, 1]")
     relu = cell == RNN_RELU
     matmul(gh, h_in, w_hh, False, True)
     for b in range(B):
+        row = update[b if update.shape[0] > 1 else 0]
+        u = row if row.shape[0] == 1 else row[j0:j1]  # one share, or the rank's units'
         if cell == LSTM:
-            lstm_cell_forward(xp[b], gh[b], b_hh, c_in[b, j0:j1], gates[b],
+            lstm_cell_forward(xp[b], gh[b], b_hh, u, c_in[b, j0:j1], gates[b],
                               c_out[b, j0:j1], h_out[b, j0:j1])
         elif cell == LN_LSTM:
-            ln_lstm_cell_forward(xp[b], gh[b], b_hh, norm, c_in[b], gates[b], saved[b],
+            ln_lstm_cell_forward(xp[b], gh[b], b_hh, norm, u, c_in[b], gates[b], saved[b],
                                  c_out[b], h_out[b])
         elif cell == GRU:
             gru_cell_forward(xp[b], gh[b], b_hh, h_in[b, j0:j1], gates[b], saved[b],
@@ -605,7 +630,7 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, h_in, c_in, gates, saved, gh, h_o
 
 
 @njit(**_EXACT)
-def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
+def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, hs, cs, gates, saved, gh):
     """Run one layer over a window.
 
     xp [T,B,G*H]  input projections of all steps (one GEMM, done before)
@@ -614,17 +639,25 @@ def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
     gates [T,B,G*H], saved [T,B,S] (cells.saved_width; [T,1,1] when 0):
                   kept for backward
     norm [2,5H]   LN-LSTM's gains and biases (others: a [2,1] stand-in)
+    update [T,B,H] the LSTM's share of each step's new cell value, per
+                  stream and unit: zoneout's 0 (the unit holds its cell) or
+                  1 in training; [1,1,1] for one share everywhere (1 - the
+                  zoneout rate at inference, 1 without zoneout)
     gh [B,G*H]    scratch for the recurrent GEMM
     """
-    for t in range(xp.shape[0]):
-        recurrent_step(cell, xp[t], w_hh, b_hh, norm, hs[t], cs[t], gates[t], saved[t], gh,
-                       hs[t + 1], cs[t + 1], 0)
+    T = xp.shape[0]
+    if update.shape != (1, 1, 1) and update.shape != (T,) + hs.shape[1:]:
+        raise ValueError("recurrent_forward: update must be [T, B, H] or [1, 1, 1]")
+    for t in range(T):
+        recurrent_step(cell, xp[t], w_hh, b_hh, norm, update[t if update.shape[0] > 1 else 0],
+                       hs[t], cs[t], gates[t], saved[t], gh, hs[t + 1], cs[t + 1], 0)
 
 
 @njit(**_EXACT)
-def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
+def recurrent_backward(cell, dh_out, w_hh_t, norm, update, hs, cs, gates, saved,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
-    """Truncated BPTT through one layer over a window.
+    """Truncated BPTT through one layer over a window (update: the forward
+    pass's).
 
     dh_out [T,B,H]  gradient reaching the layer's outputs from above
     w_hh_t [H,G*H]  W_hh transposed: the recurrent product dgh @ W_hh runs
@@ -644,6 +677,8 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
         raise ValueError("recurrent_backward: w_hh_t must be [H, G*H] and dw_hh [G*H, H]")
     if cell == LN_LSTM and (norm.shape[1] != 5 * H or dnorm.shape != norm.shape):
         raise ValueError("recurrent_backward: the LN-LSTM needs norm and dnorm [2, 5H]")
+    if update.shape != (1, 1, 1) and update.shape != dh_out.shape:
+        raise ValueError("recurrent_backward: update must be [T, B, H] or [1, 1, 1]")
     relu = cell == RNN_RELU
     carry[:] = 0
     dnorm[:] = 0
@@ -653,12 +688,13 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
         else:
             matmul(dh_rec, dgh[t + 1], w_hh_t, False, True)
         for b in range(B):
+            u = update[t if update.shape[0] > 1 else 0, b if update.shape[1] > 1 else 0]
             if cell == LSTM:
-                lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], cs[t, b],
+                lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], u, cs[t, b],
                                    cs[t + 1, b], carry[b], dxp[t, b])
             elif cell == LN_LSTM:
                 ln_lstm_cell_backward(dh_out[t, b], dh_rec[b], norm, gates[t, b], saved[t, b],
-                                      cs[t, b], carry[b], dxp[t, b], dnorm)
+                                      u, cs[t, b], carry[b], dxp[t, b], dnorm)
             elif cell == GRU:
                 gru_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], saved[t, b],
                                   hs[t, b], carry[b], dxp[t, b], dgh[t, b])
@@ -865,8 +901,10 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
     """Feed ids [S] (one character per stream) and write next-char logits [S,V]:
     this rank's share of one step, which passes barriers b+1 .. b+L.
 
-    net = (rparams, roffsets, params): the rank's rows of the weights (see
-        above) and the model's flat buffer, read for the encoder and decoder
+    net = (rparams, roffsets, params, update): the rank's rows of the
+        weights (see above), the model's flat buffer, read for the encoder
+        and decoder, and the LSTM's share of each new cell value [1,1]
+        (recurrent_step)
     dims = (enc_off, dec_off, V, E, j0): where the encoder (-1: one-hot
         input) and the decoder start in params, the vocabulary and embedding
         sizes, and the rank's first hidden unit
@@ -876,7 +914,7 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
     sync = (flags, rank, n_ranks): the barrier
     Returns False if another rank aborted.
     """
-    rparams, roffsets, params = net
+    rparams, roffsets, params, update = net
     enc_off, dec_off, V, E, j0 = dims
     hs, cs = state
     logits, xp, gates, gh, saved, emb, zero_e = scratch
@@ -898,7 +936,7 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
             linear_forward(xp, emb, w_ih.reshape(GHr, E), b_ih)
         else:
             linear_forward(xp, hs[k - 1, q], w_ih.reshape(GHr, H), b_ih)
-        recurrent_step(cell, xp, w_hh, b_hh, norm, hs[k, p], cs[k, p], gates, saved, gh,
+        recurrent_step(cell, xp, w_hh, b_hh, norm, update, hs[k, p], cs[k, p], gates, saved, gh,
                        hs[k, q], cs[k, q], j0)
         if not barrier(flags, rank, n_ranks, b + k + 1):
             return False

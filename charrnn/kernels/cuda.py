@@ -266,8 +266,21 @@ def _preact(xp, gh, b_hh, t, b, k):
     return xp[t, b, k] + gh[b, k] + b_hh[k]
 
 
+@cuda.jit(device=True)
+def _share(update, t, b, j):
+    """cpu._share: update [T,B,H], or [1,1,1] for one share everywhere."""
+    return update[min(t, update.shape[0] - 1), min(b, update.shape[1] - 1),
+                  min(j, update.shape[2] - 1)]
+
+
+@cuda.jit(device=True)
+def _zoned(c_prev, new, u):
+    """cpu._zoned: the share u of the new cell value (zoneout)."""
+    return new if u == _ONE else c_prev + u * (new - c_prev)
+
+
 @cuda.jit
-def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, saved):
+def _cell_forward_kernel(cell, t, xp, gh, b_hh, update, hs, cs, gates, saved):
     """Step t of every cell equation, one thread per (b, j); the rows of
     cpu.lstm_cell_forward / gru_cell_forward / rnn_cell_forward."""
     k = cuda.grid(1)
@@ -280,7 +293,7 @@ def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, saved):
         f = _sigmoid(_preact(xp, gh, b_hh, t, b, H + j))
         g = math.tanh(_preact(xp, gh, b_hh, t, b, 2 * H + j))
         o = _sigmoid(_preact(xp, gh, b_hh, t, b, 3 * H + j))
-        c = f * cs[t, b, j] + i * g
+        c = _zoned(cs[t, b, j], f * cs[t, b, j] + i * g, _share(update, t, b, j))
         gates[t, b, j] = i
         gates[t, b, H + j] = f
         gates[t, b, 2 * H + j] = g
@@ -306,7 +319,7 @@ def _cell_forward_kernel(cell, t, xp, gh, b_hh, hs, cs, gates, saved):
 
 
 @cuda.jit
-def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, saved, carry, dxp, dgh):
+def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, update, hs, cs, saved, carry, dxp, dgh):
     """Step t of the cell gradients, one thread per (b, j); carry[b, j] is
     dL/dc (LSTM) or z*dh (GRU) passed from step t+1 to step t, and only this
     thread touches it."""
@@ -321,13 +334,15 @@ def _cell_backward_kernel(cell, t, dh_out, dh_rec, gates, hs, cs, saved, carry, 
         f = gates[t, b, H + j]
         g = gates[t, b, 2 * H + j]
         o = gates[t, b, 3 * H + j]
+        u = _share(update, t, b, j)
         tc = math.tanh(cs[t + 1, b, j])
         dc = carry[b, j] + dh * o * (_ONE - tc * tc)
-        dxp[t, b, j] = dc * g * i * (_ONE - i)
-        dxp[t, b, H + j] = dc * cs[t, b, j] * f * (_ONE - f)
-        dxp[t, b, 2 * H + j] = dc * i * (_ONE - g * g)
+        dnew = dc * u
+        dxp[t, b, j] = dnew * g * i * (_ONE - i)
+        dxp[t, b, H + j] = dnew * cs[t, b, j] * f * (_ONE - f)
+        dxp[t, b, 2 * H + j] = dnew * i * (_ONE - g * g)
         dxp[t, b, 3 * H + j] = dh * tc * o * (_ONE - o)
-        carry[b, j] = dc * f
+        carry[b, j] = dc * (_ONE - u) + dnew * f
     elif cell == GRU:
         # dgh differs from dxp in the n block: r multiplies W_hn h + b_hn
         dh = dh + carry[b, j]
@@ -391,7 +406,7 @@ def _layer_norm_backward(dy, gain, xhat, rstd, dgain, dbias):
 
 
 @cuda.jit
-def _ln_lstm_forward_kernel(t, xp, gh, b_hh, norm, hs, cs, gates, saved):
+def _ln_lstm_forward_kernel(t, xp, gh, b_hh, norm, update, hs, cs, gates, saved):
     """Step t of cpu.ln_lstm_cell_forward, one thread per stream b (each
     normalisation sums over the units: one thread walks the sum)."""
     b = cuda.grid(1)
@@ -412,7 +427,7 @@ def _ln_lstm_forward_kernel(t, xp, gh, b_hh, norm, hs, cs, gates, saved):
         a[H + j] = f
         a[2 * H + j] = g
         a[3 * H + j] = _sigmoid(a[3 * H + j])
-        c = f * cs[t, b, j] + i * g
+        c = _zoned(cs[t, b, j], f * cs[t, b, j] + i * g, _share(update, t, b, j))
         cs[t + 1, b, j] = c
         h[j] = c
     sv[5 * H + 4] = _layer_norm_forward(h, norm[0, 4 * H:], norm[1, 4 * H:], sv[4 * H:5 * H])
@@ -421,7 +436,8 @@ def _ln_lstm_forward_kernel(t, xp, gh, b_hh, norm, hs, cs, gates, saved):
 
 
 @cuda.jit
-def _ln_lstm_backward_kernel(t, dh_out, dh_rec, norm, gates, saved, cs, carry, dxp, dnorm_rows):
+def _ln_lstm_backward_kernel(t, dh_out, dh_rec, norm, gates, saved, update, cs, carry, dxp,
+                             dnorm_rows):
     """Step t of cpu.ln_lstm_cell_backward, one thread per stream b; the
     gains' and biases' gradients accumulate in the stream's own row of
     dnorm_rows [B, 2, 5H] (summed over the streams afterwards)."""
@@ -443,11 +459,13 @@ def _ln_lstm_backward_kernel(t, dh_out, dh_rec, norm, gates, saved, cs, carry, d
         i = gt[j]
         f = gt[H + j]
         g = gt[2 * H + j]
+        u = _share(update, t, b, j)
         dc = carry[b, j] + dcn[j]
-        d[j] = dc * g * i * (_ONE - i)
-        d[H + j] = dc * cs[t, b, j] * f * (_ONE - f)
-        d[2 * H + j] = dc * i * (_ONE - g * g)
-        carry[b, j] = dc * f
+        dnew = dc * u
+        d[j] = dnew * g * i * (_ONE - i)
+        d[H + j] = dnew * cs[t, b, j] * f * (_ONE - f)
+        d[2 * H + j] = dnew * i * (_ONE - g * g)
+        carry[b, j] = dc * (_ONE - u) + dnew * f
     for q in range(4):
         lo, hi = q * H, (q + 1) * H
         _layer_norm_backward(d[lo:hi], norm[0, lo:hi], sv[lo:hi], sv[5 * H + q],
@@ -456,7 +474,12 @@ def _ln_lstm_backward_kernel(t, dh_out, dh_rec, norm, gates, saved, cs, carry, d
 
 # ------------------------------------------------------- time loops (layers)
 
-def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
+def _check_update(update, T, B, H):
+    if update.shape != (1, 1, 1) and update.shape != (T, B, H):
+        raise ValueError(f"update must be [T, B, H] or [1, 1, 1], not {update.shape}")
+
+
+def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, hs, cs, gates, saved, gh):
     """Run one layer over a window (see cpu.recurrent_forward for the arrays).
 
     Per step: one GEMM gh = h W_hh^T, then one fused launch over the gates.
@@ -465,15 +488,16 @@ def recurrent_forward(cell, xp, w_hh, b_hh, norm, hs, cs, gates, saved, gh):
     T, B, H = xp.shape[0], xp.shape[1], hs.shape[2]
     if cell == LN_LSTM and norm.shape != (2, 5 * H):
         raise ValueError(f"recurrent_forward: the LN-LSTM needs norm [2, {5 * H}], not {norm.shape}")
+    _check_update(update, T, B, H)
     for t in range(T):
         gemm(gh, hs[t], w_hh, trans_b=True)
         if cell == LN_LSTM:
-            _ln_lstm_forward_kernel[_launch(B)](t, xp, gh, b_hh, norm, hs, cs, gates, saved)
+            _ln_lstm_forward_kernel[_launch(B)](t, xp, gh, b_hh, norm, update, hs, cs, gates, saved)
         else:
-            _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, hs, cs, gates, saved)
+            _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, update, hs, cs, gates, saved)
 
 
-def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
+def recurrent_backward(cell, dh_out, w_hh_t, norm, update, hs, cs, gates, saved,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
     """Truncated BPTT through one layer over a window (see
     cpu.recurrent_backward): for the cells but the GRU the caller passes dxp
@@ -486,6 +510,7 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
                          f"and dw_hh {dw_hh.shape} {(G, H)}")
     if cell == LN_LSTM and (norm.shape != (2, 5 * H) or dnorm.shape != norm.shape):
         raise ValueError(f"recurrent_backward: the LN-LSTM needs norm and dnorm [2, {5 * H}]")
+    _check_update(update, T, B, H)
     dnorm_rows = zeros((B,) + norm.shape) if cell == LN_LSTM else None
     _zero(carry)
     for t in range(T - 1, -1, -1):
@@ -494,10 +519,10 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, hs, cs, gates, saved,
         else:
             gemm(dh_rec, dgh[t + 1], w_hh_t, trans_b=True)
         if cell == LN_LSTM:
-            _ln_lstm_backward_kernel[_launch(B)](t, dh_out, dh_rec, norm, gates, saved, cs,
-                                                 carry, dxp, dnorm_rows)
+            _ln_lstm_backward_kernel[_launch(B)](t, dh_out, dh_rec, norm, gates, saved, update,
+                                                 cs, carry, dxp, dnorm_rows)
         else:
-            _cell_backward_kernel[_launch(B * H)](cell, t, dh_out, dh_rec, gates, hs, cs,
+            _cell_backward_kernel[_launch(B * H)](cell, t, dh_out, dh_rec, gates, update, hs, cs,
                                                   saved, carry, dxp, dgh)
     if cell == LN_LSTM:  # the streams' rows summed in a fixed order
         column_sum(dnorm.reshape(-1), dnorm_rows.reshape(B, -1))

@@ -136,12 +136,15 @@ def test_apply_dropout_matches_cpu(gpu, dev, rng, randn):
 # ---------------------------------------------------------- recurrent layers
 # The CPU forward's saved state feeds both backwards.
 
-FORWARD_ARGS = ("xp", "w_hh", "b_hh", "norm", "hs", "cs", "gates", "saved", "gh")
+FORWARD_ARGS = ("xp", "w_hh", "b_hh", "norm", "update", "hs", "cs", "gates", "saved", "gh")
 SAVED = {"gru": H, "lstm_ln": 5 * H + 5}  # cells.saved_width
+# every cell without zoneout (one share, 1), and the LSTMs with zoneout's draws
+LAYERS = [(name, False) for name in CELLS] + [("lstm", True), ("lstm_ln", True)]
 
 
-def layer(name, randn):
-    """A layer's inputs and the buffers recurrent_forward fills, as host arrays."""
+def layer(name, randn, rng, zoned):
+    """A layer's inputs and the buffers recurrent_forward fills, as host
+    arrays; ``zoned``: zoneout draws (0 or 1 per step, stream and unit)."""
     G = CELLS[name][1]
     GH = G * H
     lstm = name.startswith("lstm")
@@ -154,6 +157,8 @@ def layer(name, randn):
         "gates": np.zeros((T, B, GH), np.float32),
         "saved": np.zeros((T, B, SAVED[name]) if name in SAVED else (T, 1, 1), np.float32),
         "gh": np.zeros((B, GH), np.float32),
+        "update": ((rng.random((T, B, H)) >= 0.4).astype(np.float32) if zoned
+                   else np.ones((1, 1, 1), np.float32)),
     }
     st["hs"][0] = randn(B, H, scale=0.5)
     if lstm:
@@ -161,10 +166,10 @@ def layer(name, randn):
     return st
 
 
-@pytest.mark.parametrize("name", CELLS)
-def test_recurrent_forward_matches_cpu(gpu, dev, randn, name):
+@pytest.mark.parametrize("name,zoned", LAYERS)
+def test_recurrent_forward_matches_cpu(gpu, dev, randn, rng, name, zoned):
     cell = CELLS[name][0]
-    st = layer(name, randn)
+    st = layer(name, randn, rng, zoned)
     d = {k: dev(v) for k, v in st.items()}
     cpu.recurrent_forward(cell, *(st[k] for k in FORWARD_ARGS))
     gpu.recurrent_forward(cell, *(d[k] for k in FORWARD_ARGS))
@@ -178,10 +183,10 @@ def test_recurrent_forward_matches_cpu(gpu, dev, randn, name):
     assert_close(errors)
 
 
-@pytest.mark.parametrize("name", CELLS)
-def test_recurrent_backward_matches_cpu(gpu, dev, randn, name):
+@pytest.mark.parametrize("name,zoned", LAYERS)
+def test_recurrent_backward_matches_cpu(gpu, dev, randn, rng, name, zoned):
     cell = CELLS[name][0]
-    st = layer(name, randn)
+    st = layer(name, randn, rng, zoned)
     cpu.recurrent_forward(cell, *(st[k] for k in FORWARD_ARGS))
     GH = st["xp"].shape[2]
     dh_out = randn(T, B, H)
@@ -190,7 +195,7 @@ def test_recurrent_backward_matches_cpu(gpu, dev, randn, name):
     out["dgh"] = np.zeros((T, B, GH), np.float32) if name == "gru" else out["dxp"]
     scratch = [np.zeros((B, H), np.float32) for _ in range(2)]  # dh_rec, carry
     st["w_hh_t"] = np.ascontiguousarray(st["w_hh"].T)
-    saved = [st[k] for k in ("w_hh_t", "norm", "hs", "cs", "gates", "saved")]
+    saved = [st[k] for k in ("w_hh_t", "norm", "update", "hs", "cs", "gates", "saved")]
     cpu.recurrent_backward(cell, dh_out, *saved, out["dxp"], out["dgh"], *scratch,
                            out["dw_hh"], out["db_hh"], out["dnorm"])
     d = {k: dev(nan_like(v)) for k, v in out.items()}
