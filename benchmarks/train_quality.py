@@ -28,7 +28,7 @@ def run_charrnn(corpus, a, seed):
     # charrnn's defaults switch on
     charrnn.train(corpus, cell=a.cell, hidden=a.hidden, layers=a.layers, batch=a.batch,
                   layer_norm=False, dropout=0.0, weight_drop=0.0, output_dropout=0.0,
-                  schedule="constant", seq_len=a.seq, lr=a.lr, clip=5.0, val_frac=a.val_frac, steps=a.steps,
+                  schedule="constant", optimizer="adam", weight_decay=0.0, seq_len=a.seq, lr=a.lr, clip=5.0, val_frac=a.val_frac, steps=a.steps,
                   eval_every=a.eval_every, seed=seed, out=out, quiet=True, threads=a.threads)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(round(r["elapsed_s"] / 60, 3), r["step"], round(r["val_bpc"], 4)) for r in rows]

@@ -28,6 +28,7 @@ from .plot import matplotlib_pyplot, plot_runs
 LN2 = math.log(2)
 DEFAULT_MINUTES = 10.0
 EXPLODE_FACTOR = 3.0  # char-rnn stops when the loss passes 3x its first value
+ADAMW_DECAY = 0.01    # --weight-decay auto with adamw: 10 and 30 minutes measured (README)
 
 
 @dataclasses.dataclass
@@ -51,10 +52,10 @@ class TrainConfig:
     seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 32               # B: parallel streams (32 beat 50 and 20 in 10 minutes: README)
     lr: float = 6e-3
-    optimizer: str = "adam"       # adam | adamw | rmsprop | adagrad | sgd
+    optimizer: str = "adamw"      # adamw | adam | rmsprop | adagrad | sgd
     beta2: float = 0.999          # adam and adamw: the decay of the squared gradients' average
     momentum: float = 0.0         # rmsprop and sgd
-    weight_decay: float = 0.0
+    weight_decay: float = None    # None: auto, ADAMW_DECAY with adamw (decoupled), else 0 (L2 for the others)
     clip: float = 5.0             # global gradient-norm clip, 0 = off
     schedule: str = "linear"      # constant | cosine | linear | step
     warmup: int = 0               # steps of linear warm-up
@@ -104,6 +105,8 @@ class TrainConfig:
         need(0 <= self.decay_start < 1, f"--decay-start must be in [0, 1), not {self.decay_start}")
         need(0 <= self.lr_end <= 1, f"--lr-end must be in [0, 1], not {self.lr_end}")
         need(0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), not {self.beta2}")
+        need(self.weight_decay is None or 0 <= self.weight_decay < math.inf,
+             f"--weight-decay must be >= 0, not {self.weight_decay}")
         for name in ("dropout", "output_dropout", "weight_drop", "embed_dropout", "zoneout", "average"):
             v = getattr(self, name)
             need((v is None and name not in ("zoneout", "average")) or isinstance(v, (int, float)) and 0 <= v < 1,
@@ -310,6 +313,8 @@ def _config(options, saved):
             raise CharrnnError(f"the checkpoint's training options are not readable: {e}") from None
     if cfg.steps is None and cfg.epochs is None and cfg.minutes is None:
         cfg.minutes = DEFAULT_MINUTES
+    if cfg.weight_decay is None:  # auto: AdamW's decoupled decay; L2 for the others stays off
+        cfg.weight_decay = ADAMW_DECAY if cfg.optimizer == "adamw" else 0.0
     if cfg.layer_norm is None:  # auto: on for the LSTM wide enough to normalise
         cfg.layer_norm = cfg.cell in NORMALISED and (cfg.hidden is None or cfg.hidden >= MIN_NORMALISED_UNITS)
     cfg.validate()

@@ -340,10 +340,10 @@ def test_layer_norm_lstm_loss_and_gradients_match_torch_autograd(layers, embed):
             assert rel_err(grads[name], t.grad.numpy()) < 1e-4, name
 
 
-@pytest.mark.parametrize("cell,beta2,name,weight_decay", [
+@pytest.mark.parametrize("cell,beta2,optimizer,weight_decay", [
     ("lstm", 0.999, "adam", 0.0), ("gru", 0.999, "adam", 0.0), ("lstm", 0.99, "adam", 0.0),
     ("lstm", 0.999, "adam", 0.1), ("lstm", 0.999, "adamw", 0.1)])
-def test_ten_clipped_adam_steps_match_torch(cell, beta2, name, weight_decay):
+def test_ten_clipped_adam_steps_match_torch(cell, beta2, optimizer, weight_decay):
     torch = pytest.importorskip("torch")
     from charrnn.optim import Optimizer
     m = make_model(cell, "tanh", 2, None, dtype=np.float32)
@@ -355,9 +355,9 @@ def test_ten_clipped_adam_steps_match_torch(cell, beta2, name, weight_decay):
             mod, attr = name.split(".")
             getattr(modules[mod], attr).copy_(torch.from_numpy(w))
     params = list(rnn.parameters()) + list(decoder.parameters())
-    topt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](
+    topt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer](
         params, lr=0.05, betas=(0.9, beta2), weight_decay=weight_decay)
-    opt = Optimizer(name, m.params, m.grads, weight_decay=weight_decay, beta2=beta2)
+    opt = Optimizer(optimizer, m.params, m.grads, weight_decay=weight_decay, beta2=beta2)
     rng = np.random.default_rng(1)
     state = tstate = None
     for _ in range(10):

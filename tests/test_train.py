@@ -192,6 +192,15 @@ def test_layer_norm_is_on_by_default_for_the_lstm_only(corpus, tmp_path, cell, o
     assert checkpoint.load(tmp_path / "run", prefer="last").meta["train"]["layer_norm"] is on
 
 
+@pytest.mark.parametrize("optimizer,decay", [(None, 0.01), ("adamw", 0.01), ("adam", 0.0), ("sgd", 0.0)])
+def test_weight_decay_is_adamws_by_default_and_off_for_the_other_optimizers(corpus, tmp_path, optimizer,
+                                                                            decay):
+    opts = dict(TINY) if optimizer is None else dict(TINY, optimizer=optimizer)
+    train(corpus, out=tmp_path / "run", steps=2, **opts)
+    kept = checkpoint.load(tmp_path / "run", prefer="last").meta["train"]
+    assert (kept["optimizer"], kept["weight_decay"]) == (optimizer or "adamw", decay)
+
+
 def test_layer_norm_is_off_by_default_for_an_lstm_too_narrow_to_normalise(corpus, tmp_path):
     m = train(corpus, out=tmp_path / "run", steps=2, **dict(TINY, hidden=3))
     assert m.config["layer_norm"] is False
@@ -358,6 +367,7 @@ def run_cli(*args):
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--eval-every", "10x"], "--eval-every must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--weight-drop", "1"], "--weight-drop must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--average", "-0.5"], "--average must be"),
+    (lambda d: (d / "c.txt").write_text("x" * 9000), ["--weight-decay", "-1"], "--weight-decay must be"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--cell", "gru", "--layer-norm"],
      "--layer-norm is for --cell lstm"),
     (lambda d: (d / "c.txt").write_text("x" * 9000), ["--hidden", "2", "--layer-norm"],
