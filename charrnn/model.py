@@ -424,13 +424,11 @@ class Model:
                     inp = self._dropped_output(ws, k - 1, noise.mask(k - 1, L))
                 lay.inp = inp
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
-            update = self.inference_update
             if noise.updates is not None:  # zoneout's draws for this window
                 K.put(lay.update, noise.updates[k])
-                update = lay.update
             K.recurrent_forward(self.cell_id, lay.xp, noise.weight(p, f"rnn.weight_hh_l{k}"),
                                 p[f"rnn.bias_hh_l{k}"], p.get(f"rnn.layer_norm_l{k}", ws.no_norm),
-                                update, lay.hs, lay.cs, lay.gates, lay.saved, ws.gh)
+                                self._update(lay, noise), lay.hs, lay.cs, lay.gates, lay.saved, ws.gh)
         ws.top = self._dropped_output(ws, L - 1, noise.mask(L - 1, L))
         K.linear_forward(ws.logits, ws.top, p["decoder.weight"], p["decoder.bias"])
 
@@ -449,9 +447,8 @@ class Model:
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
             norm = f"rnn.layer_norm_l{k}"
-            update = self.inference_update if noise.updates is None else lay.update
             K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], p.get(norm, ws.no_norm),
-                                 update, lay.hs, lay.cs, lay.gates, lay.saved, ws.dxp, ws.dgh,
+                                 self._update(lay, noise), lay.hs, lay.cs, lay.gates, lay.saved, ws.dxp, ws.dgh,
                                  ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
                                  g[f"rnn.bias_hh_l{k}"], g.get(norm, ws.dno_norm))
             noise.chain(K, g, f"rnn.weight_hh_l{k}")
@@ -470,6 +467,12 @@ class Model:
                 noise.chain(K, g, "encoder.weight")
             elif mask is not None:  # the layer below gets the gradient through its mask
                 K.apply_dropout(dh, ws.ddropped, ws.layers[k - 1].mask)
+
+    def _update(self, lay, noise):
+        """The kernels' ``update`` for layer buffers ``lay``: zoneout's draws
+        (put there by the forward pass) when ``noise`` has them, else the
+        inference share."""
+        return self.inference_update if noise.updates is None else lay.update
 
     def _dropout_mask(self, shape, p):
         keep = self._rng.random(shape, dtype=np.float32) >= p
