@@ -1,6 +1,8 @@
 """Kernel-level facts that the model tests do not show directly."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numba import njit
 
 from charrnn.kernels import cpu as K
@@ -64,7 +66,8 @@ def _matmul(out, a, b, trans_a, trans_b):
 @pytest.mark.parametrize("cols", [1030, 7, 4, 3, 2, 1])
 def test_few_rows_product_agrees_with_float64(rows, cols):
     # up to FEW_ROWS rows a @ w.T runs in charrnn's own kernel (tiles of 5x2,
-    # leftover pairs, a last odd row; blocks of w), beyond in the BLAS
+    # leftover pairs, a last odd row clamped into a pair, one row alone;
+    # blocks of w), beyond in the BLAS
     rng = np.random.default_rng(rows)
     a = rng.standard_normal((rows, 300)).astype(np.float32)
     w = rng.standard_normal((cols, 300)).astype(np.float32)
@@ -72,6 +75,21 @@ def test_few_rows_product_agrees_with_float64(rows, cols):
     _matmul(out, a, w, False, True)
     want = a.astype(np.float64) @ w.T.astype(np.float64)
     assert np.max(np.abs(out - want)) < 1e-5 * np.max(np.abs(want))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, K.FEW_ROWS + 3), st.integers(1, 60), st.integers(1, 70), st.integers(0, 2 ** 16))
+def test_a_few_rows_times_the_weights_equals_float64_for_any_rows_columns_and_depth(rows, cols, depth,
+                                                                                   seed):
+    # the few-rows kernel's cuts (5-row tiles, leftover pairs, a clamped odd
+    # row, blocks of w) and the hand-over to the BLAS past FEW_ROWS
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, depth)).astype(np.float32)
+    w = rng.standard_normal((cols, depth)).astype(np.float32)
+    out = np.full((rows, cols), np.nan, dtype=np.float32)
+    _matmul(out, a, w, False, True)
+    want = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.max(np.abs(out - want)) <= 1e-5 * max(1.0, np.max(np.abs(want)))
 
 
 def test_the_blas_in_use_is_named():

@@ -187,40 +187,49 @@ def _dots_5x2(out, x, y, i, j):
     out[i4, j0], out[i4, j1] = s40, s41
 
 
+@njit(inline="always", **_JIT)
+def _one_row_times_weights(out, a, w):
+    """out = a @ w.T for one row of ``a`` (sampling one stream): four dot
+    products per pass over it (+20% over one at a time)."""
+    a0, N, J = a[0], out.shape[1], out.shape[1] - 1
+    for n in range(0, N, 4):
+        j0, j1, j2, j3 = n, min(n + 1, J), min(n + 2, J), min(n + 3, J)
+        w0, w1, w2, w3 = w[j0], w[j1], w[j2], w[j3]
+        s0 = s1 = s2 = s3 = out.dtype.type(0)
+        for k in range(a.shape[1]):
+            s0 += a0[k] * w0[k]
+            s1 += a0[k] * w1[k]
+            s2 += a0[k] * w2[k]
+            s3 += a0[k] * w3[k]
+        out[0, j0], out[0, j1], out[0, j2], out[0, j3] = s0, s1, s2, s3
+
+
 @njit(**_JIT)
 def _few_rows_times_weights(out, a, w):
     """out = a @ w.T for a few rows of ``a`` ([M,K], w [N,K]): the per-step
     products of a training shard and of sampling. A BLAS packs ``w`` on every
     call, which at so few rows costs about as much as the product; here tiles
-    of 5 rows of ``a`` x 2 rows of ``w`` run at the core's FMA peak. Blocks of
-    ``w`` are read from L3 once for all M rows. The M % 5 leftover rows go in
-    pairs through the same tile with the roles swapped (5 rows of ``w`` x 2
-    rows of ``a``, written through out.T); an odd last one (M = 1 when
-    sampling) meets four rows of ``w`` per pass (+20% over one at a time).
-    One core, GFLOP/s at M=4 / M=25 (N=2048, K=512): MKL 13 / 24, OpenBLAS
-    12 / 13, this 31 / 30-35, about MKL's rate on large GEMMs."""
+    of 5 rows of ``a`` x 2 rows of ``w`` run near the core's FMA peak. Blocks
+    of ``w`` are read from L3 once for all M rows. The M % 5 leftover rows go
+    in pairs through the same tile with the roles swapped (5 rows of ``w`` x
+    2 rows of ``a``, written through out.T); an odd last one is clamped into
+    its pair, computed twice at the tile's rate (a row of its own ran at a
+    quarter of it: M=16, a two-thread shard of B=32, went from 39 to 47
+    GFLOP/s). One core, GFLOP/s at M=4 / M=25 (N=2048, K=512): MKL 13 / 24,
+    OpenBLAS 12 / 13, this 31 / 30-35, about MKL's rate on large GEMMs."""
     M, N = out.shape
+    if M == 1:
+        _one_row_times_weights(out, a, w)
+        return
     M5 = M - M % 5
     for n0 in range(0, N, _W_BLOCK):
         n1 = min(n0 + _W_BLOCK, N)
         for m in range(0, M5, 5):
             for n in range(n0, n1, 2):
                 _dots_5x2(out, a, w, m, n)
-        for m in range(M5, M - 1, 2):
+        for m in range(M5, M, 2):
             for n in range(n0, n1, 5):
                 _dots_5x2(out.T, w, a, n, m)
-    if (M - M5) % 2:  # a last odd row: four dot products per pass over it
-        am, J = a[M - 1], N - 1
-        for n in range(0, N, 4):
-            j0, j1, j2, j3 = n, min(n + 1, J), min(n + 2, J), min(n + 3, J)
-            w0, w1, w2, w3 = w[j0], w[j1], w[j2], w[j3]
-            s0 = s1 = s2 = s3 = out.dtype.type(0)
-            for k in range(a.shape[1]):
-                s0 += am[k] * w0[k]
-                s1 += am[k] * w1[k]
-                s2 += am[k] * w2[k]
-                s3 += am[k] * w3[k]
-            out[M - 1, j0], out[M - 1, j1], out[M - 1, j2], out[M - 1, j3] = s0, s1, s2, s3
 
 
 @njit(inline="always", **_JIT)
