@@ -112,6 +112,10 @@ def _train_options(f):
         click.option("--layer-norm/--no-layer-norm", default=None,
                      help="Layer normalisation of the gate blocks and the cell (LSTM only); "
                           "default: on for the LSTM of 4 units or more."),
+        click.option("--multiplicative/--no-multiplicative", default=D.multiplicative, show_default=True,
+                     help="Each layer's recurrent product reads (W_mx x + b_mx) * (W_mh h) instead "
+                          "of h: a transition that depends on the input character (the "
+                          "multiplicative LSTM, Krause et al. 2016)."),
         click.option("--zoneout", type=float, default=D.zoneout, show_default=True,
                      help="LSTM: at each training step each unit's cell keeps its previous value "
                           "with this probability (Krueger et al. 2017); inference takes the "

@@ -44,8 +44,10 @@ class Streams:
     def __init__(self, model, S, ranks=None):
         c, dt = model.config, model.dtype
         H, L = c["hidden"], c["layers"]
-        # the LN-LSTM normalises over all H units of a layer: one rank
-        R = 1 if c["layer_norm"] else min(ranks or parallel.sampling_ranks(H), H)
+        # the LN-LSTM normalises over all H units of a layer, and a multiplicative
+        # layer's product reads all of m: one rank
+        R = 1 if c["layer_norm"] or c["multiplicative"] else \
+            min(ranks or parallel.sampling_ranks(H), H)
         self.model, self.S, self.R = model, S, R
         # the state is shared by the ranks, each writing its own hidden units
         shared = parallel.cache_aligned(hs=((L, 2, S, H), dt), cs=((L, 2, S, H), dt),
@@ -72,26 +74,31 @@ class Streams:
         c, dt, p = model.config, model.dtype, model.weights
         V, H, E, G = c["vocab_size"], c["hidden"], c["embed"] or 0, gates(c["cell"], c["nonlinearity"])
         rows = (np.arange(G)[:, None] * H + np.arange(j0, j1)).ravel()
+        M = c["multiplicative"]  # one rank: its W_ih and b_ih rows are all of them
+        in_rows = slice(None) if M else rows
         pieces = []
         for k in range(c["layers"]):
-            w_ih = p[f"rnn.weight_ih_l{k}"][rows]
+            w_ih = p[f"rnn.weight_ih_l{k}"][in_rows]
             norm = p[f"rnn.layer_norm_l{k}"] if c["layer_norm"] else np.zeros(2, dt)
+            w_mh = p[f"rnn.weight_mh_l{k}"] if M else np.zeros(1, dt)
             pieces += [w_ih.T if k == 0 and not E else w_ih, p[f"rnn.weight_hh_l{k}"][rows],
-                       p[f"rnn.bias_ih_l{k}"][rows], p[f"rnn.bias_hh_l{k}"][rows], norm]
+                       p[f"rnn.bias_ih_l{k}"][in_rows], p[f"rnn.bias_hh_l{k}"][rows], norm, w_mh]
         starts = np.cumsum([0] + [x.size for x in pieces])
         GHr, E1 = G * (j1 - j0), max(E, 1)
+        XPr, MS = (GHr + H, S) if M else (GHr, 1)  # xp's columns; mh and m's rows
         saved = max(1, saved_width(c["cell"], j1 - j0, c["layer_norm"]))
         a = parallel.cache_aligned(rparams=((starts[-1],), dt), logits=((S, V), dt),
-                                   probs=((S, V), dt), ids=((S,), np.int32), xp=((S, GHr), dt),
+                                   probs=((S, V), dt), ids=((S,), np.int32), xp=((S, XPr), dt),
                                    gates=((S, GHr), dt), gh=((S, GHr), dt), saved=((S, saved), dt),
-                                   emb=((S, E1), dt), zero_e=((E1,), dt))
+                                   emb=((S, E1), dt), zero_e=((E1,), dt),
+                                   mh=((MS, H if M else 1), dt), m=((MS, H if M else 1), dt))
         np.concatenate([np.ravel(x) for x in pieces], out=a["rparams"])
         off = model.offsets
-        return {"net": (a["rparams"], starts[:-1].reshape(-1, 5).astype(np.int64), model.params,
+        return {"net": (a["rparams"], starts[:-1].reshape(-1, 6).astype(np.int64), model.params,
                         model.inference_update[0]),
                 "dims": (int(off.get("encoder.weight", -1)), int(off["decoder.weight"]), V, E, j0),
                 "scratch": (a["logits"], a["xp"], a["gates"], a["gh"], a["saved"], a["emb"],
-                            a["zero_e"]),
+                            a["zero_e"], a["mh"], a["m"]),
                 "sync": (self._flags, r, self.R), "ids": a["ids"], "probs": a["probs"]}
 
     def _run(self, kernel, *args):

@@ -24,7 +24,7 @@ def _check_rate(name, value):
 
 def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, dropout=0.0,
                  nonlinearity="tanh", output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0,
-                 locked_dropout=False, layer_norm=False, zoneout=0.0):
+                 locked_dropout=False, layer_norm=False, zoneout=0.0, multiplicative=False):
     """The validated configuration of a model (``Model``'s arguments), as
     ``Model.config`` and checkpoints hold it; a bad value is a CharrnnError."""
     if cell not in CELLS:
@@ -48,11 +48,13 @@ def model_config(vocab_size, cell="lstm", hidden=256, layers=2, embed=None, drop
     if layer_norm and hidden < MIN_NORMALISED_UNITS:
         raise CharrnnError(f"layer_norm needs hidden >= {MIN_NORMALISED_UNITS} (over one unit a layer "
                            f"norm is its bias alone, over two a step), not {hidden}")
+    if not isinstance(multiplicative, bool):
+        raise CharrnnError(f"multiplicative must be true or false, not {multiplicative!r}")
     if rates["zoneout"] and cell != "lstm":
         raise CharrnnError(f"zoneout holds an LSTM's cell state: it is for the lstm cell, not {cell!r}")
     return dict(vocab_size=int(vocab_size), cell=cell, hidden=int(hidden), layers=int(layers),
                 embed=int(embed) or None, nonlinearity=nonlinearity, **rates,
-                locked_dropout=locked_dropout, layer_norm=layer_norm)
+                locked_dropout=locked_dropout, layer_norm=layer_norm, multiplicative=multiplicative)
 
 
 def param_shapes(config):
@@ -61,14 +63,18 @@ def param_shapes(config):
     c = config
     V, H, L, E = c["vocab_size"], c["hidden"], c["layers"], c["embed"]
     GH = gates(c["cell"], c["nonlinearity"]) * H
+    # multiplicative: W_ih and b_ih carry one more block of H rows, W_mx x + b_mx
+    MH = H if c["multiplicative"] else 0
     shapes = {}
     if E:
         shapes["encoder.weight"] = (V, E)
     for k in range(L):
         inp = (E or V) if k == 0 else H
-        shapes[f"rnn.weight_ih_l{k}"] = (GH, inp)
+        shapes[f"rnn.weight_ih_l{k}"] = (GH + MH, inp)
         shapes[f"rnn.weight_hh_l{k}"] = (GH, H)
-        shapes[f"rnn.bias_ih_l{k}"] = (GH,)
+        if MH:
+            shapes[f"rnn.weight_mh_l{k}"] = (H, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (GH + MH,)
         shapes[f"rnn.bias_hh_l{k}"] = (GH,)
         if c["layer_norm"]:  # gains [0] and biases [1] of the gate blocks, then of the cell
             shapes[f"rnn.layer_norm_l{k}"] = (2, GH + H)

@@ -38,6 +38,11 @@ class Model:
     - ``layer_norm`` (LSTM only): each gate block's pre-activation and the
       cell normalised over the units, with a gain and a bias each
       (``rnn.layer_norm_l{k}`` [2, 5H]; Ba, Kiros & Hinton 2016);
+    - ``multiplicative``: the recurrent product of each layer reads
+      m = (W_mx x + b_mx) * (W_mh h) instead of h, a transition that
+      depends on the input (the multiplicative LSTM, Krause et al. 2016);
+      W_mx and b_mx are the last H rows of ``rnn.weight_ih_l{k}`` and
+      ``rnn.bias_ih_l{k}``, W_mh is ``rnn.weight_mh_l{k}`` [H, H];
     - ``seed``: initialisation (PyTorch's: uniform +-1/sqrt(H), embedding N(0,1))
       and dropout masks;
     - ``dtype``: float32; float64 exists for gradient checks (CPU only);
@@ -52,10 +57,10 @@ class Model:
     def __init__(self, vocab_size, cell="lstm", hidden=256, layers=2, embed=None,
                  dropout=0.0, seed=0, nonlinearity="tanh", dtype=np.float32, device="cpu",
                  output_dropout=0.0, weight_drop=0.0, embed_dropout=0.0, locked_dropout=False,
-                 layer_norm=False, zoneout=0.0):
+                 layer_norm=False, zoneout=0.0, multiplicative=False):
         self.config = model_config(vocab_size, cell, hidden, layers, embed, dropout, nonlinearity,
                                    output_dropout, weight_drop, embed_dropout, locked_dropout,
-                                   layer_norm, zoneout)
+                                   layer_norm, zoneout, multiplicative)
         self.dtype = np.dtype(dtype)
         self.backend = backend(device)
         self.device = "cpu" if self.backend is K else "cuda"
@@ -76,7 +81,7 @@ class Model:
         self.inference_update = self.backend.zeros((1, 1, 1), self.dtype)
         self.backend.put(self.inference_update, 1.0 - self.config["zoneout"])
         self._workspaces = {}
-        self._w_hh_t = None    # the recurrent weights transposed, for BPTT
+        self._transposed_weights = None  # the recurrent weights transposed, for BPTT
         self._dropped = {}     # name -> (mask, weights with the mask applied): weight_drop, embed_dropout
         self.vocab = None  # a Vocab, set by training or loading: the text methods need it
 
@@ -202,7 +207,7 @@ class Model:
         K.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, 1.0)
         w = np.asarray(weights, self.dtype).T.reshape(-1, 1)  # time-major rows
         K.put(ws.dlogits, get(ws.dlogits) * w)
-        self._run_backward(ws, ws.grads(self), _NOISELESS, self._transposed_w_hh(_NOISELESS))
+        self._run_backward(ws, ws.grads(self), _NOISELESS, self._transposed(_NOISELESS))
         if self.config["embed"]:
             d = get(ws.demb).reshape(T, B, -1)
         else:  # layer 0's input projection is W_ih0 x: chain through it
@@ -262,7 +267,7 @@ class Model:
         noise = self._draw_noise(T, batch, slice(first, first + B)) if train and regularise \
             else _NOISELESS
         scale = 1.0 / (batch * T) if train else 0.0
-        w_hh_t = self._transposed_w_hh(noise) if train else None  # BPTT reads W_hh transposed
+        transposed = self._transposed(noise) if train else None  # BPTT reads W_hh transposed
         cuts = parallel.shard_cuts(B, None if self.device == "cpu" else 1)
         jobs = []
         for s in range(len(cuts) - 1):
@@ -271,7 +276,7 @@ class Model:
             grads = self.gradients if s == 0 else ws.grads(self)
             part = None if state is None else tuple(a[:, b] for a in state)
             jobs.append((ws, ids[:, b], targets[:, b], part, noise.streams(b), grads,
-                         scale, train, w_hh_t))
+                         scale, train, transposed))
         total = sum(parallel.run_shards(self._shard_pass, jobs))
         if train:
             for job in jobs[1:]:
@@ -279,25 +284,31 @@ class Model:
         states = [self._state_out(job[0]) for job in jobs]
         return total, tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
 
-    def _shard_pass(self, ws, ids, targets, state, noise, grads, scale, train, w_hh_t):
+    def _shard_pass(self, ws, ids, targets, state, noise, grads, scale, train, transposed):
         self._feed(ws, ids, state)
         self.backend.put(ws.targets, targets.reshape(-1))
         self._run_forward(ws, noise)
         total = self.backend.softmax_cross_entropy(ws.dlogits, ws.logits, ws.targets, scale)
         if train:
-            self._run_backward(ws, grads, noise, w_hh_t)
+            self._run_backward(ws, grads, noise, transposed)
         return total
 
-    def _transposed_w_hh(self, noise):
-        """The recurrent weights of every layer (weight-dropped, if
-        ``noise`` drops them) transposed, refreshed (shared by the shards)."""
-        if self._w_hh_t is None:
-            H, L = self.config["hidden"], self.config["layers"]
-            GH = gates(self.config["cell"], self.config["nonlinearity"]) * H
-            self._w_hh_t = [self.backend.zeros((H, GH), self.dtype) for _ in range(L)]
-        for k, w_t in enumerate(self._w_hh_t):
-            self.backend.transpose(w_t, noise.weight(self.weights, f"rnn.weight_hh_l{k}"))
-        return self._w_hh_t
+    def _transposed(self, noise):
+        """The recurrent weights of every layer, W_hh (weight-dropped, if
+        ``noise`` drops them) and W_mh (multiplicative; else a stand-in),
+        transposed, refreshed (shared by the shards): [(w_hh_t, w_mh_t)]."""
+        c, K = self.config, self.backend
+        if self._transposed_weights is None:
+            H, L = c["hidden"], c["layers"]
+            GH = gates(c["cell"], c["nonlinearity"]) * H
+            MH = H if c["multiplicative"] else 1
+            self._transposed_weights = [(K.zeros((H, GH), self.dtype), K.zeros((MH, MH), self.dtype))
+                                        for _ in range(L)]
+        for k, (w_hh_t, w_mh_t) in enumerate(self._transposed_weights):
+            K.transpose(w_hh_t, noise.weight(self.weights, f"rnn.weight_hh_l{k}"))
+            if c["multiplicative"]:
+                K.transpose(w_mh_t, self.weights[f"rnn.weight_mh_l{k}"])
+        return self._transposed_weights
 
     def _draw_noise(self, T, batch, streams):
         """The regularisers' masks for a training window of ``batch``
@@ -426,16 +437,19 @@ class Model:
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
             if noise.updates is not None:  # zoneout's draws for this window
                 K.put(lay.update, noise.updates[k])
+            mult = (p.get(f"rnn.weight_mh_l{k}", ws.no_mult), lay.mhs, lay.ms)
             K.recurrent_forward(self.cell_id, lay.xp, noise.weight(p, f"rnn.weight_hh_l{k}"),
                                 p[f"rnn.bias_hh_l{k}"], p.get(f"rnn.layer_norm_l{k}", ws.no_norm),
-                                self._update(lay, noise), lay.hs, lay.cs, lay.gates, lay.saved, ws.gh)
+                                self._update(lay, noise), mult, lay.hs, lay.cs, lay.gates,
+                                lay.saved, ws.gh)
         ws.top = self._dropped_output(ws, L - 1, noise.mask(L - 1, L))
         K.linear_forward(ws.logits, ws.top, p["decoder.weight"], p["decoder.bias"])
 
-    def _run_backward(self, ws, g, noise, w_hh_t):
+    def _run_backward(self, ws, g, noise, transposed):
         """BPTT through ``ws``, writing the gradients into the views ``g``;
-        ``noise``: the forward pass's regularisers; ``w_hh_t[k]``: layer k's
-        recurrent weights (as the forward pass used them) transposed."""
+        ``noise``: the forward pass's regularisers; ``transposed[k]``: layer
+        k's recurrent weights (as the forward pass used them) transposed,
+        W_hh and W_mh (a stand-in when not multiplicative)."""
         c, p, K = self.config, self.weights, self.backend
         L, H, T, B = c["layers"], c["hidden"], ws.T, ws.B
         dh = ws.dh_out.reshape(T * B, H)
@@ -447,10 +461,13 @@ class Model:
         for k in range(L - 1, -1, -1):
             lay = ws.layers[k]
             norm = f"rnn.layer_norm_l{k}"
-            K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t[k], p.get(norm, ws.no_norm),
-                                 self._update(lay, noise), lay.hs, lay.cs, lay.gates, lay.saved, ws.dxp, ws.dgh,
-                                 ws.dh_rec, ws.carry, g[f"rnn.weight_hh_l{k}"],
-                                 g[f"rnn.bias_hh_l{k}"], g.get(norm, ws.dno_norm))
+            w_hh_t, w_mh_t = transposed[k]
+            mult = (w_mh_t, lay.mhs, lay.ms, ws.dmhs, ws.dm, g.get(f"rnn.weight_mh_l{k}", ws.dno_mult))
+            K.recurrent_backward(self.cell_id, ws.dh_out, w_hh_t, p.get(norm, ws.no_norm),
+                                 self._update(lay, noise), mult, lay.xp, lay.hs, lay.cs, lay.gates,
+                                 lay.saved, ws.dxp, ws.dgh, ws.dh_rec, ws.carry,
+                                 g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"],
+                                 g.get(norm, ws.dno_norm))
             noise.chain(K, g, f"rnn.weight_hh_l{k}")
             dxp2 = ws.dxp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
@@ -520,9 +537,9 @@ class Model:
 class _Layer:
     """Per-layer buffers of one window, kept for the backward pass."""
 
-    def __init__(self, zeros, cell, B, T, H, G, dtype, layer_norm, zoneout):
+    def __init__(self, zeros, cell, B, T, H, G, dtype, layer_norm, zoneout, multiplicative):
         z = lambda *s: zeros(s, dtype=dtype)  # noqa: E731
-        self.xp = z(T, B, G * H)
+        self.xp = z(T, B, G * H + (H if multiplicative else 0))  # W_mx x + b_mx last
         self.hs = z(T + 1, B, H)
         # a cell's unused buffers are stand-ins with one per step (cpu.recurrent_forward)
         self.cs = z(T + 1, B, H) if cell == "lstm" else z(T + 1, 1, 1)
@@ -532,6 +549,9 @@ class _Layer:
         self.mask = z(T, B, H)      # dropout on this layer's output (between layers, or the top's)
         self.dropped = z(T * B, H)
         self.update = z(T, B, H) if zoneout else None  # zoneout's draws (recurrent_forward)
+        # a multiplicative layer's h W_mh^T and m of each step (recurrent_forward)
+        self.mhs = z(T, B, H) if multiplicative else z(T, 1, 1)
+        self.ms = z(T, B, H) if multiplicative else z(T, 1, 1)
         self.inp = None
 
 
@@ -544,17 +564,23 @@ class _Workspace:
         V, H, E = c["vocab_size"], c["hidden"], c["embed"]
         G = gates(c["cell"], c["nonlinearity"])
         self.B, self.T = B, T
-        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, c["layer_norm"], c["zoneout"])
+        M = c["multiplicative"]
+        self.layers = [_Layer(zeros, c["cell"], B, T, H, G, dt, c["layer_norm"], c["zoneout"], M)
                        for _ in range(c["layers"])]
         self.no_norm = zeros((2, 1), dt)   # the stand-in for layer_norm's weights when off
         self.dno_norm = zeros((2, 1), dt)
+        self.no_mult = zeros((1, 1), dt)   # the stand-in for W_mh when not multiplicative
+        self.dno_mult = zeros((1, 1), dt)
+        self.dmhs = zeros((T, B, H), dt) if M else zeros((T, 1, 1), dt)
+        self.dm = zeros((B, H), dt) if M else zeros((1, 1), dt)
         self.gh = zeros((B, G * H), dt)
         self.logits = zeros((T * B, V), dt)
         self.dlogits = zeros((T * B, V), dt)
         self.dh_out = zeros((T, B, H), dt)
-        self.dxp = zeros((T, B, G * H), dt)
-        # GRU's recurrent gradient differs from dxp; the other cells share it
-        self.dgh = zeros((T, B, G * H), dt) if c["cell"] == "gru" else self.dxp
+        self.dxp = zeros((T, B, G * H + (H if M else 0)), dt)
+        # GRU's recurrent gradient differs from dxp; the other cells share
+        # it, but for a multiplicative layer's, which holds W_mx x's too
+        self.dgh = zeros((T, B, G * H), dt) if c["cell"] == "gru" or M else self.dxp
         self.dh_rec = zeros((B, H), dt)
         self.carry = zeros((B, H), dt)
         if E:
@@ -563,7 +589,7 @@ class _Workspace:
             self.zero_e = zeros(E, dt)   # the encoder has no bias
             self.dzero_e = zeros(E, dt)
         else:
-            self.w_ih0_t = zeros((V, G * H), dt)
+            self.w_ih0_t = zeros((V, G * H + (H if M else 0)), dt)
         self.ddropped = zeros((T * B, H), dt) if c["dropout"] or c["output_dropout"] else None
         self.top = None  # the decoder's input: the top layer's output, through its dropout
         self.ids = zeros(T * B, np.int32)

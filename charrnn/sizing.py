@@ -47,10 +47,11 @@ class Choice:
     why: str  # one line: what the choice came from
 
 
-def parameters(vocab_size, cell, hidden, layers, embed=0, nonlinearity="tanh", layer_norm=False):
+def parameters(vocab_size, cell, hidden, layers, embed=0, nonlinearity="tanh", layer_norm=False,
+               multiplicative=False):
     """The parameter count of a model."""
     config = model_config(vocab_size, cell, hidden, layers, embed or None, nonlinearity=nonlinearity,
-                          layer_norm=layer_norm)
+                          layer_norm=layer_norm, multiplicative=multiplicative)
     return sum(int(np.prod(s)) for s in param_shapes(config).values())
 
 
@@ -65,7 +66,7 @@ def dropout_for(epochs):
 
 def choose(vocab_size, cell, train_chars, chars_per_second, seconds=None, budget_chars=None,
            embed=0, nonlinearity="tanh", hidden=None, layers=None, dropout=None, weight_drop=None,
-           output_dropout=None, layer_norm=False):
+           output_dropout=None, layer_norm=False, multiplicative=False):
     """The model for ``train_chars`` characters of training data and a
     budget of ``budget_chars`` characters (a step or epoch budget) and/or
     ``seconds`` (a time budget), at ``chars_per_second(parameters)``
@@ -76,7 +77,7 @@ def choose(vocab_size, cell, train_chars, chars_per_second, seconds=None, budget
         return h, layers or (2 if h <= WIDE else 3)
 
     def n_params(h):
-        return parameters(vocab_size, cell, *shape(h), embed, nonlinearity, layer_norm)
+        return parameters(vocab_size, cell, *shape(h), embed, nonlinearity, layer_norm, multiplicative)
 
     def shown(h):  # characters the budget shows a model of this size
         by_time = chars_per_second(n_params(h)) * seconds if seconds else math.inf

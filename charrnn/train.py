@@ -47,6 +47,7 @@ class TrainConfig:
     locked_dropout: bool = False  # one dropout mask per stream for all steps of a window
     layer_norm: bool = None       # LSTM: gate blocks and cell layer-normalised; None: auto (on for the LSTM)
     zoneout: float = 0.0          # LSTM: each unit's cell keeps its old value with this probability per step
+    multiplicative: bool = False  # the recurrent product reads (W_mx x) * (W_mh h) (the mLSTM)
     epoch_shift: bool = False     # each epoch after the first starts the streams at a seeded random place
     average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
     seq_len: int = 50             # T: characters per window (BPTT length)
@@ -81,7 +82,7 @@ class TrainConfig:
     # a resumed run takes these from its checkpoint: they decide the numbers
     FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "nonlinearity",
                        "output_dropout", "weight_drop", "embed_dropout", "locked_dropout",
-                       "layer_norm", "zoneout", "average",
+                       "layer_norm", "zoneout", "multiplicative", "average",
                        "epoch_shift", "seq_len", "batch", "optimizer", "val_frac", "val_chars",
                        "seed", "bytes")
 
@@ -299,7 +300,7 @@ def _config(options, saved):
         # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and
         # 0.1, before --epoch-shift read every epoch alike, before --layer-norm, --zoneout
         kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, "epoch_shift": False,
-                "layer_norm": False, "zoneout": 0.0,
+                "layer_norm": False, "zoneout": 0.0, "multiplicative": False,
                 **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):
@@ -404,7 +405,8 @@ class _Run:
                                nonlinearity=cfg.nonlinearity, device=cfg.device,
                                output_dropout=cfg.output_dropout, weight_drop=cfg.weight_drop,
                                embed_dropout=cfg.embed_dropout, locked_dropout=cfg.locked_dropout,
-                               layer_norm=cfg.layer_norm, zoneout=cfg.zoneout)
+                               layer_norm=cfg.layer_norm, zoneout=cfg.zoneout,
+                               multiplicative=cfg.multiplicative)
             self.model.vocab = vocab
         self.opt = Optimizer.for_model(self.model, cfg.optimizer, cfg.momentum, cfg.weight_decay,
                                        cfg.average, cfg.beta2)
@@ -435,7 +437,8 @@ class _Run:
             def make(hidden, layers):
                 return Model(vocab_size, cell=cfg.cell, hidden=hidden, layers=layers, embed=cfg.embed,
                              nonlinearity=cfg.nonlinearity, device=cfg.device,
-                             layer_norm=cfg.layer_norm, zoneout=cfg.zoneout)
+                             layer_norm=cfg.layer_norm, zoneout=cfg.zoneout,
+                             multiplicative=cfg.multiplicative)
             measured = []  # measured only if the choice needs it
 
             def chars_per_second(n):
@@ -448,7 +451,7 @@ class _Run:
                 seconds=cfg.minutes * 60 if cfg.minutes else None,
                 budget_chars=self.max_steps * cfg.batch * cfg.seq_len if self.max_steps else None,
                 embed=cfg.embed, nonlinearity=cfg.nonlinearity, layer_norm=cfg.layer_norm,
-                hidden=cfg.hidden,
+                multiplicative=cfg.multiplicative, hidden=cfg.hidden,
                 layers=cfg.layers, dropout=cfg.dropout, weight_drop=cfg.weight_drop,
                 output_dropout=cfg.output_dropout)
         choice = world.broadcast(dataclasses.asdict(choice) if choice else None)

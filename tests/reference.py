@@ -19,15 +19,22 @@ def layer_norm(a, gain, bias, eps=1e-5):
     return (a - mean) / np.sqrt(var + eps) * gain + bias
 
 
-def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None, update=1.0):
+def cell_step(cell, nonlinearity, x, h, c, w_ih, w_hh, b_ih, b_hh, norm=None, update=1.0,
+              w_mh=None):
     """One step of one layer for a batch: x [B,in], h, c [B,H] -> (h, c).
     "lstm-ln": the LSTM with each gate block's pre-activation and the cell
     layer-normalised; norm [2, 5H]: gains and biases, blocks i, f, g, o, c.
     ``update`` (LSTMs): zoneout's share of the new cell value the cell
-    takes, [B,H] or one number: c = update*c_new + (1-update)*c_prev."""
+    takes, [B,H] or one number: c = update*c_new + (1-update)*c_prev.
+    ``w_mh`` [H,H] (multiplicative): the last H rows of w_ih and b_ih make
+    m = (W_mx x + b_mx) * (W_mh h), which W_hh reads instead of h."""
     H = h.shape[1]
     gi = x @ w_ih.T + b_ih
-    gh = h @ w_hh.T + b_hh
+    if w_mh is None:
+        gh = h @ w_hh.T + b_hh
+    else:
+        gi, mx = gi[:, :-H], gi[:, -H:]
+        gh = (mx * (h @ w_mh.T)) @ w_hh.T + b_hh
     if cell == "lstm-ln":
         a = gi + gh
         blocks = [layer_norm(a[:, q * H:(q + 1) * H], norm[0, q * H:(q + 1) * H],
@@ -74,7 +81,10 @@ def forward(params, x, cell, layers, nonlinearity="tanh", state=None, masks=None
 def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None, masks=None,
                    updates=None):
     """``forward`` from the first layer's input vectors: inputs[t] [B, in]
-    (embedding rows, or one-hot rows)."""
+    (embedding rows, or one-hot rows). A cell named with "-m" ("lstm-m",
+    "lstm-ln-m", ...) is multiplicative: ``params`` hold its W_mh
+    (cell_step's ``w_mh``)."""
+    cell = cell.removesuffix("-m")
     B, T = inputs[0].shape[0], len(inputs)
     H = params["decoder.weight"].shape[1]
     h0 = np.zeros((layers, B, H)) if state is None else state[0]
@@ -89,7 +99,7 @@ def forward_inputs(params, inputs, cell, layers, nonlinearity="tanh", state=None
                              params[f"rnn.bias_ih_l{k}"], params[f"rnn.bias_hh_l{k}"],
                              params.get(f"rnn.layer_norm_l{k}"),
                              1.0 if updates is None else updates if np.isscalar(updates)
-                             else updates[k][t])
+                             else updates[k][t], params.get(f"rnn.weight_mh_l{k}"))
             outputs.append(h)
         hs.append(h)
         cs.append(c)

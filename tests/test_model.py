@@ -9,16 +9,19 @@ import reference as ref
 from charrnn import CharrnnError, Model, parallel
 
 V, H, E, B, T = 7, 5, 3, 2, 4
-# "lstm-ln": the LSTM with layer_norm (reference.cell_step)
-CELLS = [("lstm", "tanh"), ("lstm-ln", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+# "lstm-ln": the LSTM with layer_norm (reference.cell_step); "-m": multiplicative
+# (reference.forward_inputs)
+CELLS = [("lstm", "tanh"), ("lstm-ln", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu"),
+         ("lstm-m", "tanh"), ("lstm-ln-m", "tanh"), ("gru-m", "tanh"), ("rnn-m", "tanh")]
 CONFIGS = [(c, nl, L, e) for c, nl in CELLS for L in (1, 2) for e in (None, E)]
 IDS = [f"{c}-{nl}-L{L}-{'emb' if e else 'onehot'}" for c, nl, L, e in CONFIGS]
 
 
 def make_model(cell, nl, layers, embed, dtype=np.float64, dropout=0.0, seed=1):
-    m = Model(V, cell=cell.removesuffix("-ln"), hidden=H, layers=layers, embed=embed,
+    name = cell.removesuffix("-m")
+    m = Model(V, cell=name.removesuffix("-ln"), hidden=H, layers=layers, embed=embed,
               dropout=dropout, seed=seed, nonlinearity=nl, dtype=dtype,
-              layer_norm=cell.endswith("-ln"))
+              layer_norm=name.endswith("-ln"), multiplicative=cell.endswith("-m"))
     rng = np.random.default_rng(seed)
     for k in range(layers):  # gains and biases away from their 1 and 0, so that tests see them
         norm = m.weights.get(f"rnn.layer_norm_l{k}")
@@ -250,8 +253,9 @@ def test_losses_are_reproducible_for_a_seed():
 
 # ------------------------------------------------------------------ PyTorch
 
-TORCH_NN = [(i, c) for i, c in zip(IDS, CONFIGS) if c[0] != "lstm-ln"]  # torch.nn has no LN-LSTM
-LN_CONFIGS = [(L, e) for L in (1, 2) for e in (None, E)]
+# torch.nn has no LN-LSTM and no multiplicative cells
+TORCH_NN = [(i, c) for i, c in zip(IDS, CONFIGS) if c[0] in ("lstm", "gru", "rnn")]
+LN_CONFIGS = [(L, e, mult) for L in (1, 2) for e in (None, E) for mult in (False, True)]
 
 
 @pytest.mark.parametrize("cell,nl,layers,embed", [c for _, c in TORCH_NN], ids=[i for i, _ in TORCH_NN])
@@ -295,12 +299,13 @@ def test_loss_and_gradients_match_torch(cell, nl, layers, embed):
             assert rel_err(grads[name], tg) < 1e-4, name
 
 
-@pytest.mark.parametrize("layers,embed", LN_CONFIGS)
-def test_layer_norm_lstm_loss_and_gradients_match_torch_autograd(layers, embed):
-    # torch.nn has no LN-LSTM: the cell written in torch ops (F.layer_norm), differentiated by autograd
+@pytest.mark.parametrize("layers,embed,mult", LN_CONFIGS)
+def test_layer_norm_lstm_loss_and_gradients_match_torch_autograd(layers, embed, mult):
+    # torch.nn has no LN-LSTM: the cell written in torch ops (F.layer_norm), differentiated by
+    # autograd; ``mult``: the multiplicative LN-LSTM, m = (W_mx x + b_mx) * (W_mh h) for h in W_hh h
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
-    m = make_model("lstm-ln", "tanh", layers, embed, dtype=np.float32)
+    m = make_model("lstm-ln-m" if mult else "lstm-ln", "tanh", layers, embed, dtype=np.float32)
     w = {k: torch.from_numpy(v).requires_grad_() for k, v in m.state_dict().items()}
 
     def ln(a, norm, blk):
@@ -314,8 +319,9 @@ def test_layer_norm_lstm_loss_and_gradients_match_torch_autograd(layers, embed):
             h, c = (torch.zeros(B, H), torch.zeros(B, H)) if state is None else (state[0][k], state[1][k])
             norm, outs = w[f"rnn.layer_norm_l{k}"], []
             for t in range(T):
-                a = inp[:, t] @ w[f"rnn.weight_ih_l{k}"].T + w[f"rnn.bias_ih_l{k}"] \
-                    + h @ w[f"rnn.weight_hh_l{k}"].T + w[f"rnn.bias_hh_l{k}"]
+                x = inp[:, t] @ w[f"rnn.weight_ih_l{k}"].T + w[f"rnn.bias_ih_l{k}"]
+                r = x[:, 4 * H:] * (h @ w[f"rnn.weight_mh_l{k}"].T) if mult else h
+                a = x[:, :4 * H] + r @ w[f"rnn.weight_hh_l{k}"].T + w[f"rnn.bias_hh_l{k}"]
                 i, f, g, o = (ln(a[:, q * H:(q + 1) * H], norm, slice(q * H, (q + 1) * H))
                               for q in range(4))
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)

@@ -36,6 +36,7 @@ def passes(draw):
     # difference drew 1.8e-5 off (its curvature where units nearly tie): eight
     # here, four in the exhaustive plane below
     return dict(cell=cell, nonlinearity=nl, layers=draw(st.integers(1, 3)), layer_norm=layer_norm,
+                multiplicative=draw(st.booleans()),
                 hidden=draw(st.integers(8 if layer_norm else 1, 24)),
                 embed=draw(st.sampled_from([None, 4])),
                 # sampled_from draws uniformly: integers() favours small values
@@ -63,7 +64,8 @@ REGULARISERS = ("dropout", "output_dropout", "weight_drop", "embed_dropout", "lo
 def _model(c, dtype):
     return Model(V, cell=c["cell"], hidden=c["hidden"], layers=c["layers"], embed=c["embed"],
                  nonlinearity=c["nonlinearity"], seed=c["seed"], dtype=dtype,
-                 layer_norm=c.get("layer_norm", False), **{r: c[r] for r in REGULARISERS if r in c})
+                 layer_norm=c.get("layer_norm", False), multiplicative=c.get("multiplicative", False),
+                 **{r: c[r] for r in REGULARISERS if r in c})
 
 
 def _train_two_windows(c, threads, dtype=np.float32):
@@ -107,7 +109,8 @@ def test_every_batch_size_and_thread_count_gives_the_one_shard_gradients():
     kinds = [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)]  # cell, layer_norm
     for B in range(1, 141):
         cell, layer_norm = kinds[B % 4]
-        c = dict(cell=cell, layer_norm=layer_norm, nonlinearity="tanh", layers=2, hidden=4, embed=None,
+        c = dict(cell=cell, layer_norm=layer_norm, multiplicative=B % 8 >= 4, nonlinearity="tanh",
+                 layers=2, hidden=4, embed=None,
                  dropout=0.3, output_dropout=0.3, weight_drop=0.3, embed_dropout=0.3,
                  zoneout=0.3 if cell == "lstm" else 0.0, B=B, T=3, seed=B)
         want_losses, want_grads, _ = _train_two_windows(c, 1)
@@ -129,7 +132,8 @@ def test_float64_pass_on_any_shards_equals_the_reference(c):
         _, _, state = m.loss_and_grads(x1, y1)
         masks, weights, updates = ref.next_noise(m, c["T"], c["B"])  # what the model is about to draw
         loss, grads, state2 = m.loss_and_grads(x2, y2, state)
-    cell = "lstm-ln" if c["layer_norm"] else c["cell"]  # reference.cell_step's name
+    # reference.forward's name
+    cell = ("lstm-ln" if c["layer_norm"] else c["cell"]) + ("-m" if c["multiplicative"] else "")
     f = lambda q: ref.loss(ref.dropped(q, weights), x2, y2, cell, L,  # noqa: E731
                            c["nonlinearity"], state, masks, updates)
     want, want_state = f(params)
@@ -160,7 +164,7 @@ TEXT = "the quick brown fox jumps over the lazy dog; 0123456789!\n"
 def samplers(draw):
     cell, nl = draw(st.sampled_from(CELLS))
     return dict(cell=cell, nonlinearity=nl, layers=draw(st.integers(1, 3)),
-                layer_norm=cell == "lstm" and draw(st.booleans()),
+                layer_norm=cell == "lstm" and draw(st.booleans()), multiplicative=draw(st.booleans()),
                 zoneout=draw(st.sampled_from([0.0, 0.3])) if cell == "lstm" else 0.0,
                 hidden=draw(st.integers(4, 40)), embed=draw(st.sampled_from([None, 5])),
                 streams=draw(st.integers(1, 5)), temperature=draw(st.sampled_from([0.0, 0.7, 1.3])),
@@ -184,7 +188,7 @@ def test_sampled_text_state_and_logits_are_the_same_for_one_to_four_ranks(c):
     vocab = Vocab(TEXT)
     m = Model(len(vocab), cell=c["cell"], hidden=c["hidden"], layers=c["layers"],
               embed=c["embed"], nonlinearity=c["nonlinearity"], seed=c["seed"],
-              layer_norm=c["layer_norm"], zoneout=c["zoneout"])
+              layer_norm=c["layer_norm"], zoneout=c["zoneout"], multiplicative=c["multiplicative"])
     m.vocab = vocab
     one = _ranked_text(m, c, 1)
     for ranks in (2, 3, 4):

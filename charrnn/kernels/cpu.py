@@ -599,29 +599,77 @@ def rnn_cell_backward(dh_out, dh_rec, h, relu, dxp):
 
 # ------------------------------------------------------- time loops (layers)
 
+@njit(**_JIT)
+def multiplicative_forward(m, xp, mh):
+    """The multiplicative LSTM's intermediate state (Krause et al. 2016),
+    m = (W_mx x + b_mx) * (W_mh h), which takes h's place in the recurrent
+    product: xp [B, G*H + H] ends with the first factor, mh [B,H] is the
+    second."""
+    B, H = m.shape
+    GH = xp.shape[1] - H
+    for b in range(B):
+        for j in range(H):
+            m[b, j] = xp[b, GH + j] * mh[b, j]
+
+
+@njit(**_JIT)
+def multiplicative_backward(dm, xp, mh, dxp, dmh):
+    """The gradient of multiplicative_forward from dm = dL/dm [B,H]: into
+    the last H columns of dxp (W_mx x + b_mx) and into dmh (W_mh h)."""
+    B, H = dm.shape
+    GH = xp.shape[1] - H
+    for b in range(B):
+        for j in range(H):
+            dxp[b, GH + j] = dm[b, j] * mh[b, j]
+            dmh[b, j] = dm[b, j] * xp[b, GH + j]
+
+
+@njit(inline="always", **_JIT)
+def _is_multiplicative(xp, w_hh):
+    """Whether a layer is multiplicative: its input projection xp [.., G*H + H]
+    carries W_mx x + b_mx after the gates' G*H columns (w_hh [G*H, H])."""
+    return xp.shape[-1] != w_hh.shape[0]
+
+
 @njit(**_EXACT)
-def recurrent_step(cell, xp, w_hh, b_hh, norm, update, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
+def recurrent_step(cell, xp, w_hh, b_hh, norm, update, mult, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
     """One time step of one layer for B streams: one GEMM gh = h_in W_hh^T,
     then one fused pass over the gates, row by row.
 
     h_in, c_in [B,H]   the state in (c_in: LSTM only)
-    xp, gates, gh [B,G*Hr]: the input projection, the saved gates
+    xp [B,G*Hr(+H)], gates, gh [B,G*Hr]: the input projection, the saved gates
     saved [B,S]: what the cell keeps for backward (cells.saved_width)
     w_hh [G*Hr,H], b_hh [G*Hr]: the rows of hidden units j0:j0+Hr
     norm [2,5H]: LN-LSTM's gains and biases (others: a stand-in)
     update [B,H] or [1,1]: the LSTM's share of each new cell value (zoneout)
+    mult = (w_mh [H,H], mh, m [B,H]): a multiplicative layer's (xp then has
+        H more columns, W_mx x + b_mx): the recurrent product reads
+        m = (W_mx x + b_mx) * (h_in W_mh^T) instead of h_in
+        (multiplicative_forward); mh and m are written. Others: stand-ins.
     h_out, c_out [B,H] hidden units j0:j0+Hr written
     Training runs all units (j0 = 0, Hr = H); a sampling rank its share
-    (the LN-LSTM normalises over all H units: it cannot be split).
+    (the LN-LSTM and a multiplicative layer read all H units: they cannot
+    be split).
     """
     G = GATES[cell]
-    B, j1 = xp.shape[0], j0 + xp.shape[1] // G
-    if cell == LN_LSTM and (j0 != 0 or j1 != h_in.shape[1] or norm.shape[1] != 5 * j1):
+    B, H, j1 = xp.shape[0], h_in.shape[1], j0 + w_hh.shape[0] // G
+    multiplicative = _is_multiplicative(xp, w_hh)
+    if cell == LN_LSTM and (j0 != 0 or j1 != H or norm.shape[1] != 5 * j1):
         raise ValueError("recurrent_step: the LN-LSTM runs all H units, with norm [2, 5H]")
     if update.shape != (1, 1) and update.shape != h_in.shape:
         raise ValueError("recurrent_step: update must be [B, H] or [1, 1]")
+    w_mh, mh, m = mult
+    if multiplicative and (j0 != 0 or j1 != H or xp.shape[1] != w_hh.shape[0] + H
+                           or w_mh.shape != (H, H) or mh.shape != h_in.shape or m.shape != h_in.shape):
+        raise ValueError("recurrent_step: a multiplicative layer runs all H units, with xp "
+                         "[B, G*H + H], w_mh [H, H] and mh, m [B, H]")
     relu = cell == RNN_RELU
-    matmul(gh, h_in, w_hh, False, True)
+    if multiplicative:
+        matmul(mh, h_in, w_mh, False, True)
+        multiplicative_forward(m, xp, mh)
+        matmul(gh, m, w_hh, False, True)
+    else:
+        matmul(gh, h_in, w_hh, False, True)
     for b in range(B):
         row = update[b if update.shape[0] > 1 else 0]
         u = row if row.shape[0] == 1 else row[j0:j1]  # one share, or the rank's units'
@@ -639,10 +687,11 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, update, h_in, c_in, gates, saved,
 
 
 @njit(**_EXACT)
-def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, hs, cs, gates, saved, gh):
+def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, mult, hs, cs, gates, saved, gh):
     """Run one layer over a window.
 
-    xp [T,B,G*H]  input projections of all steps (one GEMM, done before)
+    xp [T,B,G*H]  input projections of all steps (one GEMM, done before);
+                  [T,B,G*H+H] for a multiplicative layer, W_mx x + b_mx last
     hs [T+1,B,H]  hidden states; hs[0] holds the incoming state
     cs [T+1,B,H]  LSTM cell states, cs[0] incoming ([T+1,1,1] for other cells)
     gates [T,B,G*H], saved [T,B,S] (cells.saved_width; [T,1,1] when 0):
@@ -652,68 +701,103 @@ def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, hs, cs, gates, saved, 
                   stream and unit: zoneout's 0 (the unit holds its cell) or
                   1 in training; [1,1,1] for one share everywhere (1 - the
                   zoneout rate at inference, 1 without zoneout)
+    mult = (w_mh [H,H], mhs, ms [T,B,H]): a multiplicative layer's weights,
+                  and its h W_mh^T and m of every step, kept for backward
+                  (recurrent_step); others: ([1,1], [T,1,1], [T,1,1])
     gh [B,G*H]    scratch for the recurrent GEMM
     """
     T = xp.shape[0]
     if update.shape != (1, 1, 1) and update.shape != (T,) + hs.shape[1:]:
         raise ValueError("recurrent_forward: update must be [T, B, H] or [1, 1, 1]")
+    w_mh, mhs, ms = mult
+    if mhs.shape[0] != T or ms.shape[0] != T:
+        raise ValueError("recurrent_forward: mhs and ms must have one entry per step")
     for t in range(T):
         recurrent_step(cell, xp[t], w_hh, b_hh, norm, update[t if update.shape[0] > 1 else 0],
-                       hs[t], cs[t], gates[t], saved[t], gh, hs[t + 1], cs[t + 1], 0)
+                       (w_mh, mhs[t], ms[t]), hs[t], cs[t], gates[t], saved[t], gh,
+                       hs[t + 1], cs[t + 1], 0)
 
 
 @njit(**_EXACT)
-def recurrent_backward(cell, dh_out, w_hh_t, norm, update, hs, cs, gates, saved,
+def recurrent_backward(cell, dh_out, w_hh_t, norm, update, mult, xp, hs, cs, gates, saved,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
-    """Truncated BPTT through one layer over a window (update: the forward
-    pass's).
+    """Truncated BPTT through one layer over a window (update, xp, hs, cs,
+    gates, saved: the forward pass's).
 
     dh_out [T,B,H]  gradient reaching the layer's outputs from above
     w_hh_t [H,G*H]  W_hh transposed: the recurrent product dgh @ W_hh runs
                     as dgh @ w_hh_t.T, the form matmul's few-rows kernel
                     takes (matmul alone decides which product runs)
-    dxp [T,B,G*H]   out: gradient of the input projections (feeds
+    mult = (w_mh_t [H,H], mhs, ms [T,B,H], dmhs [T,B,H], dm [B,H], dw_mh
+                    [H,H]): a multiplicative layer's W_mh transposed, the
+                    forward pass's h W_mh^T and m, scratch, and dW_mh
+                    (overwritten); others: stand-ins
+    dxp [T,B,G*H(+H)] out: gradient of the input projections (feeds
                     linear_backward / embedding_backward for W_ih, b_ih)
-    dgh [T,B,G*H]   out: gradient of h W_hh^T; for the cells but the GRU it
-                    is dxp itself, the caller passes the same array and it
-                    is not written
+    dgh [T,B,G*H]   out: gradient of the recurrent product; for the
+                    cells but the GRU it is dxp itself, the caller passes
+                    the same array and it is not written, except in a
+                    multiplicative layer, where it is its own array
     dh_rec, carry [B,H] scratch; dw_hh, db_hh, dnorm (like norm) overwritten.
     No gradient flows into the incoming state (it is detached, as in
     char-rnn and torch-rnn).
     """
     T, B, H = dh_out.shape[0], dh_out.shape[1], dh_out.shape[2]
-    if w_hh_t.shape[0] != H or w_hh_t.shape[1] != dgh.shape[2] or dw_hh.shape[0] != dgh.shape[2]:
+    G = dgh.shape[2]
+    if w_hh_t.shape[0] != H or w_hh_t.shape[1] != G or dw_hh.shape[0] != G:
         raise ValueError("recurrent_backward: w_hh_t must be [H, G*H] and dw_hh [G*H, H]")
     if cell == LN_LSTM and (norm.shape[1] != 5 * H or dnorm.shape != norm.shape):
         raise ValueError("recurrent_backward: the LN-LSTM needs norm and dnorm [2, 5H]")
     if update.shape != (1, 1, 1) and update.shape != dh_out.shape:
         raise ValueError("recurrent_backward: update must be [T, B, H] or [1, 1, 1]")
+    w_mh_t, mhs, ms, dmhs, dm, dw_mh = mult
+    multiplicative = _is_multiplicative(dxp, dw_hh)
+    if xp.shape != dxp.shape:
+        raise ValueError("recurrent_backward: xp and dxp must have the same shape")
+    if multiplicative and (dxp.shape[2] != G + H or w_mh_t.shape != (H, H) or dw_mh.shape != (H, H)
+                           or mhs.shape != dh_out.shape or ms.shape != dh_out.shape
+                           or dmhs.shape != dh_out.shape or dm.shape != (B, H)):
+        raise ValueError("recurrent_backward: a multiplicative layer needs dxp [T, B, G*H + H], "
+                         "w_mh_t and dw_mh [H, H], mhs, ms and dmhs [T, B, H] and dm [B, H]")
     relu = cell == RNN_RELU
     carry[:] = 0
     dnorm[:] = 0
+    dh_rec[:] = 0
     for t in range(T - 1, -1, -1):
-        if t == T - 1:
-            dh_rec[:] = 0
-        else:
-            matmul(dh_rec, dgh[t + 1], w_hh_t, False, True)
         for b in range(B):
             u = update[t if update.shape[0] > 1 else 0, b if update.shape[1] > 1 else 0]
+            # the gates' gradient: dxp's first G*H columns, dgh's in a multiplicative layer
+            dgate = dgh[t, b] if multiplicative else dxp[t, b]
             if cell == LSTM:
                 lstm_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], u, cs[t, b],
-                                   cs[t + 1, b], carry[b], dxp[t, b])
+                                   cs[t + 1, b], carry[b], dgate)
             elif cell == LN_LSTM:
                 ln_lstm_cell_backward(dh_out[t, b], dh_rec[b], norm, gates[t, b], saved[t, b],
-                                      u, cs[t, b], carry[b], dxp[t, b], dnorm)
+                                      u, cs[t, b], carry[b], dgate, dnorm)
             elif cell == GRU:
                 gru_cell_backward(dh_out[t, b], dh_rec[b], gates[t, b], saved[t, b],
                                   hs[t, b], carry[b], dxp[t, b], dgh[t, b])
             else:
-                rnn_cell_backward(dh_out[t, b], dh_rec[b], hs[t + 1, b], relu,
-                                  dxp[t, b])
-    # Weight gradient as one GEMM over the window: dW_hh = dgh^T h_prev.
-    G = dgh.shape[2]
+                rnn_cell_backward(dh_out[t, b], dh_rec[b], hs[t + 1, b], relu, dgate)
+        # through the recurrent product into step t-1's output
+        if multiplicative:
+            matmul(dm, dgh[t], w_hh_t, False, True)
+            multiplicative_backward(dm, xp[t], mhs[t], dxp[t], dmhs[t])
+            if t > 0:
+                matmul(dh_rec, dmhs[t], w_mh_t, False, True)
+        elif t > 0:
+            matmul(dh_rec, dgh[t], w_hh_t, False, True)
+    # Weight gradients as one GEMM each over the window: dW_hh = dgh^T h_prev
+    # (m in a multiplicative layer), dW_mh = dmh^T h_prev.
     dg2 = dgh.reshape(T * B, G)
-    matmul(dw_hh, dg2, hs[:T].reshape(T * B, H), True, False)
+    h_prev = hs[:T].reshape(T * B, H)
+    if multiplicative:
+        if cell != GRU:
+            dxp[:, :, :G] = dgh
+        matmul(dw_hh, dg2, ms.reshape(T * B, H), True, False)
+        matmul(dw_mh, dmhs.reshape(T * B, H), h_prev, True, False)
+    else:
+        matmul(dw_hh, dg2, h_prev, True, False)
     column_sum(db_hh, dg2)
 
 
@@ -911,42 +995,46 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
     this rank's share of one step, which passes barriers b+1 .. b+L.
 
     net = (rparams, roffsets, params, update): the rank's rows of the
-        weights (see above), the model's flat buffer, read for the encoder
-        and decoder, and the LSTM's share of each new cell value [1,1]
-        (recurrent_step)
+        weights (see above; roffsets[k]: where layer k's w_ih, w_hh, b_ih,
+        b_hh, norm and w_mh start), the model's flat buffer, read for the
+        encoder and decoder, and the LSTM's share of each new cell value
+        [1,1] (recurrent_step)
     dims = (enc_off, dec_off, V, E, j0): where the encoder (-1: one-hot
         input) and the decoder start in params, the vocabulary and embedding
         sizes, and the rank's first hidden unit
     state = (hs, cs), each [L,2,S,H] and shared by the ranks: per layer, [p]
         is the state in and [1-p] the state out
-    scratch = (logits [S,V], xp, gates, gh [S,G*Hr], saved [S,max(1,Sw)], emb [S,E], zero_e [E])
+    scratch = (logits [S,V], xp [S,G*Hr(+H)], gates, gh [S,G*Hr], saved [S,max(1,Sw)],
+               emb [S,E], zero_e [E], mh, m [S,H] or [1,1]: recurrent_step's)
     sync = (flags, rank, n_ranks): the barrier
     Returns False if another rank aborted.
     """
     rparams, roffsets, params, update = net
     enc_off, dec_off, V, E, j0 = dims
     hs, cs = state
-    logits, xp, gates, gh, saved, emb, zero_e = scratch
+    logits, xp, gates, gh, saved, emb, zero_e, mh, m = scratch
     flags, rank, n_ranks = sync
-    L, H, GHr = hs.shape[0], hs.shape[3], xp.shape[1]
+    L, H, XPr, GHr = hs.shape[0], hs.shape[3], xp.shape[1], gh.shape[1]
+    MH = H if XPr != GHr else 1  # w_mh [H,H] or a [1,1] stand-in
     q = 1 - p
     for k in range(L):
         o = roffsets[k]
         inp = (E if enc_off >= 0 else V) if k == 0 else H
-        w_ih = rparams[o[0]:o[0] + GHr * inp]
+        w_ih = rparams[o[0]:o[0] + XPr * inp]
         w_hh = rparams[o[1]:o[1] + GHr * H].reshape(GHr, H)
-        b_ih = rparams[o[2]:o[2] + GHr]
+        b_ih = rparams[o[2]:o[2] + XPr]
         b_hh = rparams[o[3]:o[3] + GHr]
         norm = rparams[o[4]:o[4] + (10 * H if cell == LN_LSTM else 2)].reshape(2, -1)
+        w_mh = rparams[o[5]:o[5] + MH * MH].reshape(MH, MH)
         if k == 0 and enc_off < 0:
-            embedding_forward(xp, w_ih.reshape(V, GHr), ids, b_ih)
+            embedding_forward(xp, w_ih.reshape(V, XPr), ids, b_ih)
         elif k == 0:
             embedding_forward(emb, params[enc_off:enc_off + V * E].reshape(V, E), ids, zero_e)
-            linear_forward(xp, emb, w_ih.reshape(GHr, E), b_ih)
+            linear_forward(xp, emb, w_ih.reshape(XPr, E), b_ih)
         else:
-            linear_forward(xp, hs[k - 1, q], w_ih.reshape(GHr, H), b_ih)
-        recurrent_step(cell, xp, w_hh, b_hh, norm, update, hs[k, p], cs[k, p], gates, saved, gh,
-                       hs[k, q], cs[k, q], j0)
+            linear_forward(xp, hs[k - 1, q], w_ih.reshape(XPr, H), b_ih)
+        recurrent_step(cell, xp, w_hh, b_hh, norm, update, (w_mh, mh, m), hs[k, p], cs[k, p],
+                       gates, saved, gh, hs[k, q], cs[k, q], j0)
         if not barrier(flags, rank, n_ranks, b + k + 1):
             return False
     linear_forward(logits, hs[L - 1, q],

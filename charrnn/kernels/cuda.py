@@ -479,30 +479,80 @@ def _check_update(update, T, B, H):
         raise ValueError(f"update must be [T, B, H] or [1, 1, 1], not {update.shape}")
 
 
-def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, hs, cs, gates, saved, gh):
+@cuda.jit
+def _multiplicative_forward_kernel(t, m, xp, mh):
+    """cpu.multiplicative_forward for step t: m = xp's last H columns * mh."""
+    k = cuda.grid(1)
+    B, H = m.shape[1], m.shape[2]
+    if k < B * H:
+        b, j = k // H, k % H
+        m[t, b, j] = xp[t, b, xp.shape[2] - H + j] * mh[t, b, j]
+
+
+@cuda.jit
+def _multiplicative_backward_kernel(t, dm, xp, mh, dxp, dmh):
+    """cpu.multiplicative_backward for step t."""
+    k = cuda.grid(1)
+    B, H = dm.shape
+    if k < B * H:
+        b, j = k // H, k % H
+        GH = xp.shape[2] - H
+        dxp[t, b, GH + j] = dm[b, j] * mh[t, b, j]
+        dmh[t, b, j] = dm[b, j] * xp[t, b, GH + j]
+
+
+@cuda.jit
+def _copy_gates_kernel(dxp, dgh):
+    """dxp[..., :G] = dgh (G = dgh's columns): a multiplicative layer's gate gradients."""
+    k = cuda.grid(1)
+    T, B, G = dgh.shape
+    if k < T * B * G:
+        t, r = k // (B * G), k % (B * G)
+        dxp[t, r // G, r % G] = dgh[t, r // G, r % G]
+
+
+def _multiplicative(xp, G, H):
+    """Whether xp [T,B,G+H] carries a multiplicative layer's W_mx x (the CPU kernels' rule)."""
+    if xp.shape[2] not in (G, G + H):
+        raise ValueError(f"xp has {xp.shape[2]} columns: the gates' {G}, or {G + H} with W_mx x")
+    return xp.shape[2] != G
+
+
+def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, mult, hs, cs, gates, saved, gh):
     """Run one layer over a window (see cpu.recurrent_forward for the arrays).
 
-    Per step: one GEMM gh = h W_hh^T, then one fused launch over the gates.
-    cs, saved and norm are only touched by the cells that use them.
+    Per step: one GEMM gh = h W_hh^T (m W_hh^T after m = (W_mx x + b_mx) *
+    (h W_mh^T) in a multiplicative layer), then one fused launch over the
+    gates. cs, saved and norm are only touched by the cells that use them.
     """
     T, B, H = xp.shape[0], xp.shape[1], hs.shape[2]
     if cell == LN_LSTM and norm.shape != (2, 5 * H):
         raise ValueError(f"recurrent_forward: the LN-LSTM needs norm [2, {5 * H}], not {norm.shape}")
     _check_update(update, T, B, H)
+    w_mh, mhs, ms = mult
+    multiplicative = _multiplicative(xp, w_hh.shape[0], H)
+    if multiplicative and (w_mh.shape != (H, H) or mhs.shape != (T, B, H) or ms.shape != (T, B, H)):
+        raise ValueError("recurrent_forward: a multiplicative layer needs w_mh [H, H] and mhs, ms [T, B, H]")
     for t in range(T):
-        gemm(gh, hs[t], w_hh, trans_b=True)
+        if multiplicative:
+            gemm(mhs[t], hs[t], w_mh, trans_b=True)
+            _multiplicative_forward_kernel[_launch(B * H)](t, ms, xp, mhs)
+            gemm(gh, ms[t], w_hh, trans_b=True)
+        else:
+            gemm(gh, hs[t], w_hh, trans_b=True)
         if cell == LN_LSTM:
             _ln_lstm_forward_kernel[_launch(B)](t, xp, gh, b_hh, norm, update, hs, cs, gates, saved)
         else:
             _cell_forward_kernel[_launch(B * H)](cell, t, xp, gh, b_hh, update, hs, cs, gates, saved)
 
 
-def recurrent_backward(cell, dh_out, w_hh_t, norm, update, hs, cs, gates, saved,
+def recurrent_backward(cell, dh_out, w_hh_t, norm, update, mult, xp, hs, cs, gates, saved,
                        dxp, dgh, dh_rec, carry, dw_hh, db_hh, dnorm):
     """Truncated BPTT through one layer over a window (see
     cpu.recurrent_backward): for the cells but the GRU the caller passes dxp
-    as dgh. w_hh_t [H,G*H] is W_hh transposed; dh_rec, carry [B,H] scratch;
-    dw_hh, db_hh, dnorm overwritten."""
+    as dgh, but in a multiplicative layer. w_hh_t [H,G*H] is W_hh
+    transposed; mult = (w_mh_t, mhs, ms, dmhs, dm, dw_mh) as there;
+    dh_rec, carry [B,H] scratch; dw_hh, db_hh, dnorm overwritten."""
     T, B, H = dh_out.shape[0], dh_out.shape[1], hs.shape[2]
     G = dgh.shape[2]
     if w_hh_t.shape != (H, G) or dw_hh.shape != (G, H):
@@ -511,26 +561,49 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, update, hs, cs, gates, saved,
     if cell == LN_LSTM and (norm.shape != (2, 5 * H) or dnorm.shape != norm.shape):
         raise ValueError(f"recurrent_backward: the LN-LSTM needs norm and dnorm [2, {5 * H}]")
     _check_update(update, T, B, H)
+    w_mh_t, mhs, ms, dmhs, dm, dw_mh = mult
+    multiplicative = _multiplicative(dxp, G, H)
+    if xp.shape != dxp.shape:
+        raise ValueError("recurrent_backward: xp and dxp must have the same shape")
+    if multiplicative and (w_mh_t.shape != (H, H) or dw_mh.shape != (H, H)
+                           or not mhs.shape == ms.shape == dmhs.shape == (T, B, H) or dm.shape != (B, H)):
+        raise ValueError("recurrent_backward: a multiplicative layer needs w_mh_t and dw_mh [H, H], "
+                         "mhs, ms and dmhs [T, B, H] and dm [B, H]")
+    # the gates' gradient: into dxp, or into dgh in a multiplicative layer (copied to dxp after)
+    dgate = dgh if multiplicative and cell != GRU else dxp
     dnorm_rows = zeros((B,) + norm.shape) if cell == LN_LSTM else None
     _zero(carry)
+    _zero(dh_rec)
     for t in range(T - 1, -1, -1):
-        if t == T - 1:
-            _zero(dh_rec)
-        else:
-            gemm(dh_rec, dgh[t + 1], w_hh_t, trans_b=True)
         if cell == LN_LSTM:
             _ln_lstm_backward_kernel[_launch(B)](t, dh_out, dh_rec, norm, gates, saved, update,
-                                                 cs, carry, dxp, dnorm_rows)
+                                                 cs, carry, dgate, dnorm_rows)
         else:
             _cell_backward_kernel[_launch(B * H)](cell, t, dh_out, dh_rec, gates, update, hs, cs,
-                                                  saved, carry, dxp, dgh)
+                                                  saved, carry, dgate, dgh)
+        # through the recurrent product into step t-1's output
+        if multiplicative:
+            gemm(dm, dgh[t], w_hh_t, trans_b=True)
+            _multiplicative_backward_kernel[_launch(B * H)](t, dm, xp, mhs, dxp, dmhs)
+            if t > 0:
+                gemm(dh_rec, dmhs[t], w_mh_t, trans_b=True)
+        elif t > 0:
+            gemm(dh_rec, dgh[t], w_hh_t, trans_b=True)
     if cell == LN_LSTM:  # the streams' rows summed in a fixed order
         column_sum(dnorm.reshape(-1), dnorm_rows.reshape(B, -1))
     else:
         _zero(dnorm)
-    # Weight gradient as one GEMM over the window: dW_hh = dgh^T h_prev.
+    # Weight gradients as one GEMM each over the window: dW_hh = dgh^T h_prev
+    # (m in a multiplicative layer), dW_mh = dmh^T h_prev.
     dg2 = dgh.reshape(T * B, G)
-    gemm(dw_hh, dg2, hs[:T].reshape(T * B, H), trans_a=True)
+    h_prev = hs[:T].reshape(T * B, H)
+    if multiplicative:
+        if cell != GRU:
+            _copy_gates_kernel[_launch(T * B * G)](dxp, dgh)
+        gemm(dw_hh, dg2, ms.reshape(T * B, H), trans_a=True)
+        gemm(dw_mh, dmhs.reshape(T * B, H), h_prev, trans_a=True)
+    else:
+        gemm(dw_hh, dg2, h_prev, trans_a=True)
     column_sum(db_hh, dg2)
 
 

@@ -136,20 +136,24 @@ def test_apply_dropout_matches_cpu(gpu, dev, rng, randn):
 # ---------------------------------------------------------- recurrent layers
 # The CPU forward's saved state feeds both backwards.
 
-FORWARD_ARGS = ("xp", "w_hh", "b_hh", "norm", "update", "hs", "cs", "gates", "saved", "gh")
+FORWARD_ARGS = ("xp", "w_hh", "b_hh", "norm", "update", "mult", "hs", "cs", "gates", "saved", "gh")
 SAVED = {"gru": H, "lstm_ln": 5 * H + 5}  # cells.saved_width
-# every cell without zoneout (one share, 1), and the LSTMs with zoneout's draws
-LAYERS = [(name, False) for name in CELLS] + [("lstm", True), ("lstm_ln", True)]
+# every cell without zoneout (one share, 1), the LSTMs with zoneout's draws,
+# and every cell multiplicative
+LAYERS = [(name, False, False) for name in CELLS] + [("lstm", True, False), ("lstm_ln", True, False)] \
+    + [(name, False, True) for name in CELLS]
+LAYER_IDS = [f"{n}{'-zoned' if z else ''}{'-mult' if m else ''}" for n, z, m in LAYERS]
 
 
-def layer(name, randn, rng, zoned):
+def layer(name, randn, rng, zoned, mult):
     """A layer's inputs and the buffers recurrent_forward fills, as host
-    arrays; ``zoned``: zoneout draws (0 or 1 per step, stream and unit)."""
+    arrays; ``zoned``: zoneout draws (0 or 1 per step, stream and unit);
+    ``mult``: multiplicative (xp carries W_mx x, and W_mh)."""
     G = CELLS[name][1]
     GH = G * H
     lstm = name.startswith("lstm")
     st = {
-        "xp": randn(T, B, GH, scale=0.8), "w_hh": randn(GH, H, scale=0.4),
+        "xp": randn(T, B, GH + (H if mult else 0), scale=0.8), "w_hh": randn(GH, H, scale=0.4),
         "b_hh": randn(GH, scale=0.2), "hs": np.zeros((T + 1, B, H), np.float32),
         "norm": (np.stack([1 + randn(GH + H, scale=0.3), randn(GH + H, scale=0.3)])
                  if name == "lstm_ln" else np.zeros((2, 1), np.float32)),
@@ -160,17 +164,22 @@ def layer(name, randn, rng, zoned):
         "update": ((rng.random((T, B, H)) >= 0.4).astype(np.float32) if zoned
                    else np.ones((1, 1, 1), np.float32)),
     }
+    stand_in = (1, 1)
+    st["w_mh"] = randn(H, H, scale=0.4) if mult else np.zeros(stand_in, np.float32)
+    st["mhs"], st["ms"] = (np.zeros((T, B, H) if mult else (T, 1, 1), np.float32) for _ in range(2))
+    st["mult"] = (st["w_mh"], st["mhs"], st["ms"])
     st["hs"][0] = randn(B, H, scale=0.5)
     if lstm:
         st["cs"][0] = randn(B, H, scale=0.5)
     return st
 
 
-@pytest.mark.parametrize("name,zoned", LAYERS)
-def test_recurrent_forward_matches_cpu(gpu, dev, randn, rng, name, zoned):
+@pytest.mark.parametrize("name,zoned,mult", LAYERS, ids=LAYER_IDS)
+def test_recurrent_forward_matches_cpu(gpu, dev, randn, rng, name, zoned, mult):
     cell = CELLS[name][0]
-    st = layer(name, randn, rng, zoned)
-    d = {k: dev(v) for k, v in st.items()}
+    st = layer(name, randn, rng, zoned, mult)
+    d = {k: dev(v) for k, v in st.items() if k != "mult"}
+    d["mult"] = (d["w_mh"], d["mhs"], d["ms"])
     cpu.recurrent_forward(cell, *(st[k] for k in FORWARD_ARGS))
     gpu.recurrent_forward(cell, *(d[k] for k in FORWARD_ARGS))
     errors = {"hs": rel(d["hs"].copy_to_host()[1:], st["hs"][1:])}
@@ -180,32 +189,44 @@ def test_recurrent_forward_matches_cpu(gpu, dev, randn, rng, name, zoned):
         errors["gates"] = rel(d["gates"].copy_to_host(), st["gates"])
     if name in SAVED:
         errors["saved"] = rel(d["saved"].copy_to_host(), st["saved"])
+    if mult:
+        errors["ms"] = rel(d["ms"].copy_to_host(), st["ms"])
     assert_close(errors)
 
 
-@pytest.mark.parametrize("name,zoned", LAYERS)
-def test_recurrent_backward_matches_cpu(gpu, dev, randn, rng, name, zoned):
+@pytest.mark.parametrize("name,zoned,mult", LAYERS, ids=LAYER_IDS)
+def test_recurrent_backward_matches_cpu(gpu, dev, randn, rng, name, zoned, mult):
     cell = CELLS[name][0]
-    st = layer(name, randn, rng, zoned)
+    st = layer(name, randn, rng, zoned, mult)
     cpu.recurrent_forward(cell, *(st[k] for k in FORWARD_ARGS))
-    GH = st["xp"].shape[2]
+    GH, XP = st["w_hh"].shape[0], st["xp"].shape[2]
     dh_out = randn(T, B, H)
-    out = {"dxp": np.zeros((T, B, GH), np.float32), "dw_hh": np.zeros((GH, H), np.float32),
-           "db_hh": np.zeros(GH, np.float32), "dnorm": np.zeros_like(st["norm"])}
-    out["dgh"] = np.zeros((T, B, GH), np.float32) if name == "gru" else out["dxp"]
+    out = {"dxp": np.zeros((T, B, XP), np.float32), "dw_hh": np.zeros((GH, H), np.float32),
+           "db_hh": np.zeros(GH, np.float32), "dnorm": np.zeros_like(st["norm"]),
+           "dw_mh": np.zeros_like(st["w_mh"])}
+    own_dgh = name == "gru" or mult  # else the caller passes dxp as dgh
+    out["dgh"] = np.zeros((T, B, GH), np.float32) if own_dgh else out["dxp"]
     scratch = [np.zeros((B, H), np.float32) for _ in range(2)]  # dh_rec, carry
+    mult_scratch = [np.zeros_like(st["mhs"]), np.zeros((B, H) if mult else (1, 1), np.float32)]
     st["w_hh_t"] = np.ascontiguousarray(st["w_hh"].T)
-    saved = [st[k] for k in ("w_hh_t", "norm", "update", "hs", "cs", "gates", "saved")]
-    cpu.recurrent_backward(cell, dh_out, *saved, out["dxp"], out["dgh"], *scratch,
+    w_mh_t = np.ascontiguousarray(st["w_mh"].T)
+    saved = [st[k] for k in ("w_hh_t", "norm", "update")]
+    forward = [st[k] for k in ("xp", "hs", "cs", "gates", "saved")]
+    cpu.recurrent_backward(cell, dh_out, *saved, (w_mh_t, st["mhs"], st["ms"], *mult_scratch,
+                                                  out["dw_mh"]),
+                           *forward, out["dxp"], out["dgh"], *scratch,
                            out["dw_hh"], out["db_hh"], out["dnorm"])
     d = {k: dev(nan_like(v)) for k, v in out.items()}
-    if name != "gru":
-        d["dgh"] = d["dxp"]  # the other cells: the same array, as the caller passes it
-    gpu.recurrent_backward(cell, dev(dh_out), *map(dev, saved), d["dxp"], d["dgh"],
+    if not own_dgh:
+        d["dgh"] = d["dxp"]  # the same array, as the caller passes it
+    gpu.recurrent_backward(cell, dev(dh_out), *map(dev, saved),
+                           (dev(w_mh_t), dev(st["mhs"]), dev(st["ms"]),
+                            *(dev(nan_like(s)) for s in mult_scratch), d["dw_mh"]),
+                           *map(dev, forward), d["dxp"], d["dgh"],
                            *(dev(nan_like(s)) for s in scratch), d["dw_hh"], d["db_hh"],
                            d["dnorm"])
-    names = ("dxp", "dgh", "dw_hh", "db_hh") if name == "gru" else ("dxp", "dw_hh", "db_hh")
-    names += ("dnorm",) if name == "lstm_ln" else ()
+    names = ("dxp", "dw_hh", "db_hh") + (("dgh",) if own_dgh else ()) \
+        + (("dnorm",) if name == "lstm_ln" else ()) + (("dw_mh",) if mult else ())
     assert_close({k: rel(d[k].copy_to_host(), out[k]) for k in names})
 
 
