@@ -20,11 +20,15 @@ REGULARISERS = {
     "locked": dict(dropout=0.3, output_dropout=0.3, locked_dropout=True),
     "all": dict(dropout=0.2, output_dropout=0.2, weight_drop=0.3, embed_dropout=0.2,
                 locked_dropout=True, embed=E),
+    "all-multiplicative": dict(dropout=0.2, output_dropout=0.2, weight_drop=0.3, embed_dropout=0.2,
+                               multiplicative=True),
 }
 LSTM_ONLY = {  # zoneout holds the LSTM's cell
     "zoneout": dict(zoneout=0.4),
     "zoneout-layer-norm": dict(zoneout=0.4, layer_norm=True),
     "all-lstm": dict(REGULARISERS["all"], zoneout=0.3, layer_norm=True),
+    "all-lstm-multiplicative": dict(REGULARISERS["all"], zoneout=0.3, layer_norm=True,
+                                    multiplicative=True),
 }
 CASES = [(cell, name) for cell in ("lstm", "gru", "rnn") for name in REGULARISERS] + \
         [("lstm", name) for name in LSTM_ONLY]
@@ -35,7 +39,8 @@ def options(name):
 
 
 def ref_cell(cell, opts):
-    return "lstm-ln" if opts.get("layer_norm") else cell
+    """reference.forward's name for the cell with these options."""
+    return ("lstm-ln" if opts.get("layer_norm") else cell) + ("-m" if opts.get("multiplicative") else "")
 
 
 def make_model(cell="lstm", layers=2, dtype=np.float64, seed=1, **regularisers):
@@ -138,7 +143,9 @@ def test_locked_masks_are_the_same_at_every_step_of_a_window():
 
 @pytest.mark.parametrize("name", REGULARISERS)
 def test_inference_uses_the_weights_undropped(name):
-    plain, regularised = make_model(embed=REGULARISERS[name].get("embed")), make_model(**REGULARISERS[name])
+    opts = REGULARISERS[name]
+    structure = {k: opts[k] for k in ("embed", "multiplicative") if k in opts}  # not regularisers
+    plain, regularised = make_model(**structure), make_model(**opts)
     x, y = window()
     assert np.array_equal(plain.forward(x)[0], regularised.forward(x)[0])
     assert plain.loss(x, y)[0] == regularised.loss(x, y)[0]

@@ -85,7 +85,7 @@ def test_resume_continues_bit_identically(corpus, tmp_path, optimizer):
 
 
 REGULARISED = dict(dropout=0.2, output_dropout=0.2, weight_drop=0.3, embed_dropout=0.1,
-                   locked_dropout=True, zoneout=0.2, average=0.99, embed=8)
+                   locked_dropout=True, zoneout=0.2, average=0.99, embed=8, multiplicative=True)
 
 
 def test_same_seed_gives_the_same_losses_with_every_regulariser_and_the_average(corpus, tmp_path):
@@ -164,25 +164,27 @@ def test_a_time_budget_decays_the_learning_rate_with_the_clock_to_lr_end(corpus,
     assert rows[-1]["lr"] < 7e-4
 
 
-def test_a_run_saved_before_beta2_lr_end_epoch_shift_layer_norm_and_zoneout_resumes_as_it_ran(
+def test_a_run_saved_before_beta2_lr_end_epoch_shift_layer_norm_zoneout_and_multiplicative_resumes_as_it_ran(
         corpus, tmp_path):
     opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False,
-                layer_norm=False, zoneout=0.0)
+                layer_norm=False, zoneout=0.0, multiplicative=False)
     train(corpus, out=tmp_path / "whole", steps=20, **opts)
     train(corpus, out=tmp_path / "old", steps=10, **opts)
-    for name in ("last", "best"):  # as an older charrnn wrote them: without the five options
+    for name in ("last", "best"):  # as an older charrnn wrote them: without the six options
         path = tmp_path / "old" / f"{name}.ckpt"
         old = checkpoint.load(path, training=True)
-        for key in ("beta2", "lr_end", "epoch_shift", "layer_norm", "zoneout"):
+        for key in ("beta2", "lr_end", "epoch_shift", "layer_norm", "zoneout", "multiplicative"):
             del old.meta["train"][key]
-        del old.meta["model"]["layer_norm"], old.meta["model"]["zoneout"]
+        for key in ("layer_norm", "zoneout", "multiplicative"):
+            del old.meta["model"][key]
         checkpoint.save(path, old)
     train(corpus, resume=tmp_path / "old", steps=20, quiet=True)
     assert losses(tmp_path / "old") == losses(tmp_path / "whole")
     kept = checkpoint.load(tmp_path / "old", prefer="last").meta
     assert (kept["train"]["beta2"], kept["train"]["lr_end"], kept["train"]["epoch_shift"],
             kept["train"]["layer_norm"], kept["model"]["layer_norm"], kept["train"]["zoneout"],
-            kept["model"]["zoneout"]) == (0.999, 0.1, False, False, False, 0.0, 0.0)
+            kept["model"]["zoneout"], kept["train"]["multiplicative"], kept["model"]["multiplicative"]) \
+        == (0.999, 0.1, False, False, False, 0.0, 0.0, False, False)
 
 
 @pytest.mark.parametrize("cell,on", [("lstm", True), ("gru", False), ("rnn", False)])
