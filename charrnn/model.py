@@ -26,8 +26,8 @@ class Model:
       ``dropout`` on each layer's output but the top one (PyTorch's
       ``nn.LSTM(dropout=...)``), ``output_dropout`` on the top layer's output
       (before the decoder), ``weight_drop`` on the entries of each W_hh
-      (and W_mh: the hidden-to-hidden weights; DropConnect, one mask per
-      window, as AWD-LSTM), ``embed_dropout`` on whole characters (rows of the embedding, or of W_ih0^T with
+      (DropConnect, one mask per window, as AWD-LSTM), ``embed_dropout``
+      on whole characters (rows of the embedding, or of W_ih0^T with
       one-hot input: one mask per window); ``locked_dropout``: the dropout
       masks hold for every time step of a window (one per stream and unit,
       "variational" dropout) instead of one per step; ``zoneout`` (LSTM
@@ -115,8 +115,7 @@ class Model:
         Each training pass draws, for the whole batch, in this order, each
         regulariser that is on: ``dropout``, one mask [T, B, H] per layer
         below the top, in layer order; ``output_dropout``, one [T, B, H];
-        ``weight_drop``, one [G*H, H] per layer (each followed by one
-        [H, H] for W_mh when multiplicative); ``embed_dropout``, one
+        ``weight_drop``, one [G*H, H] per layer; ``embed_dropout``, one
         [V, 1]; ``zoneout``, one [T, B, H] per layer, in layer order. With
         ``locked_dropout`` the dropout masks are [1, B, H]. A mask is
         ``random(shape, float32) >= p`` kept, scaled by 1/(1-p) (zoneout's
@@ -295,8 +294,8 @@ class Model:
         return total
 
     def _transposed(self, noise):
-        """The recurrent weights of every layer, W_hh and W_mh (multiplicative;
-        else a stand-in), weight-dropped if ``noise`` drops them,
+        """The recurrent weights of every layer, W_hh (weight-dropped, if
+        ``noise`` drops them) and W_mh (multiplicative; else a stand-in),
         transposed, refreshed (shared by the shards): [(w_hh_t, w_mh_t)]."""
         c, K = self.config, self.backend
         if self._transposed_weights is None:
@@ -308,16 +307,8 @@ class Model:
         for k, (w_hh_t, w_mh_t) in enumerate(self._transposed_weights):
             K.transpose(w_hh_t, noise.weight(self.weights, f"rnn.weight_hh_l{k}"))
             if c["multiplicative"]:
-                K.transpose(w_mh_t, noise.weight(self.weights, f"rnn.weight_mh_l{k}"))
+                K.transpose(w_mh_t, self.weights[f"rnn.weight_mh_l{k}"])
         return self._transposed_weights
-
-    def _recurrent_weights(self):
-        """The names of the hidden-to-hidden weights, which the weight drop
-        drops, in ``rng_state``'s order: per layer W_hh, then W_mh."""
-        for k in range(self.config["layers"]):
-            yield f"rnn.weight_hh_l{k}"
-            if self.config["multiplicative"]:
-                yield f"rnn.weight_mh_l{k}"
 
     def _draw_noise(self, T, batch, streams):
         """The regularisers' masks for a training window of ``batch``
@@ -333,7 +324,8 @@ class Model:
             if c["output_dropout"] else None
         dropped = {}
         if c["weight_drop"]:
-            for name in self._recurrent_weights():
+            for k in range(L):
+                name = f"rnn.weight_hh_l{k}"
                 dropped[name] = self._dropout_mask(self.shapes[name], c["weight_drop"])
         if c["embed_dropout"]:  # whole characters: rows of the table the ids pick
             name = "encoder.weight" if c["embed"] else "rnn.weight_ih_l0"
@@ -445,8 +437,7 @@ class Model:
                 K.linear_forward(xp2, inp, p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"])
             if noise.updates is not None:  # zoneout's draws for this window
                 K.put(lay.update, noise.updates[k])
-            w_mh = noise.weight(p, f"rnn.weight_mh_l{k}") if c["multiplicative"] else ws.no_mult
-            mult = (w_mh, lay.mhs, lay.ms)
+            mult = (p.get(f"rnn.weight_mh_l{k}", ws.no_mult), lay.mhs, lay.ms)
             K.recurrent_forward(self.cell_id, lay.xp, noise.weight(p, f"rnn.weight_hh_l{k}"),
                                 p[f"rnn.bias_hh_l{k}"], p.get(f"rnn.layer_norm_l{k}", ws.no_norm),
                                 self._update(lay, noise), mult, lay.hs, lay.cs, lay.gates,
@@ -478,7 +469,6 @@ class Model:
                                  g[f"rnn.weight_hh_l{k}"], g[f"rnn.bias_hh_l{k}"],
                                  g.get(norm, ws.dno_norm))
             noise.chain(K, g, f"rnn.weight_hh_l{k}")
-            noise.chain(K, g, f"rnn.weight_mh_l{k}")
             dxp2 = ws.dxp.reshape(T * B, -1)
             if k == 0 and not c["embed"]:
                 K.embedding_backward(ws.w_ih0_t, g["rnn.bias_ih_l0"], dxp2, ws.ids)

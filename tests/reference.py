@@ -166,10 +166,10 @@ def next_noise(m, T, B):
     if c["output_dropout"]:
         outputs[L - 1] = np.broadcast_to(mask((steps, B, H), c["output_dropout"]), (T, B, H))
     weights = {}
-    if c["weight_drop"]:  # the hidden-to-hidden weights: W_hh, then W_mh (multiplicative)
+    if c["weight_drop"]:
         for k in range(L):
-            for name in (f"rnn.weight_hh_l{k}", f"rnn.weight_mh_l{k}")[:2 if c["multiplicative"] else 1]:
-                weights[name] = mask(m.shapes[name], c["weight_drop"])
+            name = f"rnn.weight_hh_l{k}"
+            weights[name] = mask(m.shapes[name], c["weight_drop"])
     if c["embed_dropout"]:
         rows = mask((V, 1), c["embed_dropout"])
         weights["encoder.weight" if c["embed"] else "rnn.weight_ih_l0"] = rows if c["embed"] else rows.T
