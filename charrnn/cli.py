@@ -101,10 +101,10 @@ def _train_options(f):
         click.option("--nonlinearity", type=click.Choice(["tanh", "relu"]), default=D.nonlinearity,
                      show_default=True, help="For --cell rnn."),
         click.option("--output-dropout", type=_OrAuto(float), default="auto", show_default=True,
-                     help="On the top layer's output; auto: as --dropout, from 8 passes over the data."),
+                     help="On the top layer's output; auto: the dropout, from 8 passes over the data."),
         click.option("--weight-drop", type=_OrAuto(float), default="auto", show_default=True,
-                     help="DropConnect on the recurrent weights, one mask per window; auto: from 8 "
-                          "passes over the data, about 0.3x --dropout."),
+                     help="DropConnect on the recurrent weights, one mask per window; auto: as "
+                          "--output-dropout."),
         click.option("--embed-dropout", type=float, default=D.embed_dropout, show_default=True,
                      help="Drops whole input characters, one mask per window."),
         click.option("--locked-dropout/--no-locked-dropout", default=D.locked_dropout, show_default=True,

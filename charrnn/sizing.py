@@ -12,17 +12,13 @@ Two limits decide the size, and the smaller wins:
   ``CHARS_PER_PARAM`` per parameter; a bigger model would stop before it had
   learnt what its size could hold.
 
-The layers are 2, or 3 once 2 layers would be wider than ``WIDE``. The
-regularisers follow the passes over the data the budget allows
-(``regularisers_for``): a dropout rate (``dropout_for``) of none for a
-single pass, rising to ``MAX_DROPOUT`` for many. Below ``HEAVY_PASSES``
-passes only the dropout between layers takes it. From there on the weight
-drop on W_hh and the dropout on the top layer's output join (measured on
-Tiny Shakespeare: they paid at 15 passes and cost at 5, and a 2x320 model
-without them overfitted at 8), and the rate is split: the weight drop takes
-``WEIGHT_DROP_SHARE`` of it and the two dropouts ``DROPOUT_SHARE`` (at 16
-passes, 0.1 and 0.35 beat 0.25 for all three by 0.012 and 0.015 in 30
-minutes; 0.4 and 0.2 lost 0.013).
+The layers are 2, or 3 once 2 layers would be wider than ``WIDE``. Dropout
+follows the passes over the data the budget allows (``dropout_for``): none
+for a single pass, rising to ``MAX_DROPOUT`` for many. From
+``HEAVY_PASSES`` passes on, the weight drop on W_hh and the dropout on the
+top layer's output take the same rate (measured on Tiny Shakespeare: they
+paid at 15 passes and cost at 5, and a 2x320 model without them overfitted
+at 8).
 """
 import dataclasses
 import math
@@ -37,9 +33,7 @@ PARAMS_PER_CHAR = 8.0   # the data limit
 WIDE = 512              # wider than this with 2 layers: 3 layers instead
 MIN_HIDDEN, MAX_HIDDEN, STEP = 32, 2048, 32
 MAX_DROPOUT = 0.5
-HEAVY_PASSES = 8        # from here on, weight drop and output dropout too,
-WEIGHT_DROP_SHARE = 0.4  # and the rate split: this much of it for the weight drop,
-DROPOUT_SHARE = 1.4      # this much for the dropout and the output dropout
+HEAVY_PASSES = 8        # from here on, weight drop and output dropout too
 PROBE_HIDDEN = (128, 384)  # the sizes whose throughput is measured
 
 
@@ -68,16 +62,6 @@ def dropout_for(epochs):
     if epochs <= 1:
         return 0.0
     return round(min(MAX_DROPOUT, 0.0625 * math.log2(epochs)), 2)
-
-
-def regularisers_for(epochs):
-    """``(dropout, weight_drop, output_dropout)`` for a budget of ``epochs``
-    passes over the training split (the module's docstring says why)."""
-    rate = dropout_for(epochs)
-    if epochs < HEAVY_PASSES:
-        return rate, 0.0, 0.0
-    dropout = round(min(MAX_DROPOUT, DROPOUT_SHARE * rate), 2)
-    return dropout, round(WEIGHT_DROP_SHARE * rate, 2), dropout
 
 
 def choose(vocab_size, cell, train_chars, chars_per_second, seconds=None, budget_chars=None,
@@ -115,9 +99,14 @@ def choose(vocab_size, cell, train_chars, chars_per_second, seconds=None, budget
     else:
         h = hidden
     passes = shown(h) / max(1, train_chars) if None in (dropout, weight_drop, output_dropout) else 0
-    auto = regularisers_for(passes)
-    dropout, weight_drop, output_dropout = (
-        a if given is None else given for a, given in zip(auto, (dropout, weight_drop, output_dropout)))
+    rate = dropout_for(passes)
+    heavy = rate if passes >= HEAVY_PASSES else 0.0
+    if dropout is None:
+        dropout = rate
+    if weight_drop is None:
+        weight_drop = heavy
+    if output_dropout is None:
+        output_dropout = heavy
     if passes:
         why.append(f"dropout {dropout:g}, weight drop {weight_drop:g}, output dropout "
                    f"{output_dropout:g} for {passes:.1f} passes over the data")

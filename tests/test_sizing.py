@@ -71,48 +71,18 @@ def test_dropout_rises_with_the_passes_over_the_data_from_none_for_one(a, b):
     assert sizing.dropout_for(min(few, 1.0)) == 0
 
 
-passes = st.floats(0, 1e6)
-
-
-@settings(max_examples=300, deadline=None)
-@given(passes)
-def test_below_heavy_passes_only_the_dropout_between_layers_regularises(epochs):
-    if epochs < sizing.HEAVY_PASSES:
-        assert sizing.regularisers_for(epochs) == (sizing.dropout_for(epochs), 0.0, 0.0)
-
-
-@settings(max_examples=300, deadline=None)
-@given(passes)
-def test_from_heavy_passes_the_rate_is_split_between_weight_drop_and_the_dropouts(epochs):
-    dropout, weight_drop, output_dropout = sizing.regularisers_for(max(epochs, sizing.HEAVY_PASSES))
-    rate = sizing.dropout_for(max(epochs, sizing.HEAVY_PASSES))
-    assert weight_drop == round(sizing.WEIGHT_DROP_SHARE * rate, 2)
-    assert dropout == output_dropout == round(min(sizing.MAX_DROPOUT, sizing.DROPOUT_SHARE * rate), 2)
-    assert 0 < weight_drop < rate <= dropout <= sizing.MAX_DROPOUT
-
-
-@settings(max_examples=300, deadline=None)
-@given(passes, passes)
-def test_no_regulariser_falls_as_the_passes_rise(a, b):
-    few, many = (sizing.regularisers_for(e) for e in sorted((a, b)))
-    assert all(f <= m for f, m in zip(few, many))
-    assert all(0 <= r <= sizing.MAX_DROPOUT for r in few + many)
-
-
 @settings(max_examples=300, deadline=None)
 @given(corpora, budgets)
-def test_the_choice_takes_the_regularisers_for_its_passes(train_chars, seconds):
+def test_weight_drop_and_output_dropout_join_the_dropout_from_heavy_passes(train_chars, seconds):
     c = choose(train_chars, seconds)
     passes = per_param(sizing.parameters(V, "lstm", c.hidden, c.layers)) * seconds / train_chars
-    assert (c.dropout, c.weight_drop, c.output_dropout) == sizing.regularisers_for(passes)
+    assert c.dropout == sizing.dropout_for(passes)
+    heavy = c.dropout if passes >= sizing.HEAVY_PASSES else 0.0
+    assert c.weight_drop == c.output_dropout == heavy
 
 
 def test_the_dropout_curve_passes_its_anchors():
     assert sizing.dropout_for(16) == 0.25 and sizing.dropout_for(256) == sizing.MAX_DROPOUT
-
-
-def test_at_sixteen_passes_the_split_is_the_measured_one():
-    assert sizing.regularisers_for(16) == (0.35, 0.1, 0.35)
 
 
 def test_a_step_budget_needs_no_throughput():
