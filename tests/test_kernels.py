@@ -1,4 +1,9 @@
 """Kernel-level facts that the model tests do not show directly."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -94,3 +99,79 @@ def test_a_few_rows_times_the_weights_equals_float64_for_any_rows_columns_and_de
 
 def test_the_blas_in_use_is_named():
     assert K.BLAS in ("mkl", "openblas")
+
+
+@njit
+def _packed_step_product(out, a, w):
+    K.step_product(out, a, w, K.packed_weights(w, a.shape[0]))
+
+
+@njit
+def _packed_size(w, rows):
+    return K.packed_weights(w, rows).shape[0]
+
+
+def test_the_recurrent_weights_are_packed_exactly_where_mkl_runs_the_float32_products():
+    w = np.ones((8, 4), np.float32)
+    assert (_packed_size(w, 3) > 0) == (K.BLAS == "mkl")
+    assert _packed_size(w.astype(np.float64), 3) == 0  # the gradient tests' float64: matmul
+
+
+_NOT_MKL = "the BLAS is OpenBLAS here (MKL not installed: pip install '.[mkl]'; or CHARRNN_BLAS=openblas)"
+
+
+@pytest.mark.skipif(K.BLAS != "mkl", reason=_NOT_MKL + ": nothing is packed")
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2 * K.FEW_ROWS), st.integers(1, 90), st.integers(1, 90), st.integers(0, 2 ** 16))
+def test_a_packed_step_product_equals_float64_for_any_rows_columns_and_depth(rows, cols, depth, seed):
+    # MKL's packed operand, from a buffer whose start is moved to a 64-byte
+    # boundary: every size and every place the allocator puts it
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, depth)).astype(np.float32)
+    w = rng.standard_normal((cols, depth)).astype(np.float32)
+    out = np.full((rows, cols), np.nan, dtype=np.float32)
+    _packed_step_product(out, a, w)
+    want = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.max(np.abs(out - want)) <= 1e-5 * max(1.0, np.max(np.abs(want)))
+
+
+_RECURRENT_AGAINST_FLOAT64 = textwrap.dedent("""
+    import numpy as np
+    from charrnn.kernels import cpu
+    from charrnn.kernels.cells import LN_LSTM, LSTM, saved_width
+    T, B, H = 7, 6, 12
+    def window(cell, dt):
+        rng = np.random.default_rng(cell)
+        f = lambda *s: (rng.standard_normal(s) * 0.5).astype(dt)
+        S = saved_width("lstm", H, cell == LN_LSTM)
+        xp, w, b, dh_out = f(T, B, 4 * H), f(4 * H, H), f(4 * H), f(T, B, H)
+        norm = np.ones((2, 5 * H) if cell == LN_LSTM else (2, 1), dt)
+        one, z = np.ones((1, 1, 1), dt), np.zeros((T, 1, 1), dt)
+        hs, cs, gates = np.zeros((T + 1, B, H), dt), np.zeros((T + 1, B, H), dt), np.zeros((T, B, 4 * H), dt)
+        saved = np.zeros((T, B, S), dt)
+        cpu.recurrent_forward(cell, xp, w, b, norm, one, (np.zeros((1, 1), dt), z, z), hs, cs, gates,
+                              saved, np.zeros((B, 4 * H), dt))
+        dxp, dw, db = np.zeros_like(xp), np.zeros_like(w), np.zeros_like(b)
+        mult = (np.zeros((1, 1), dt), z, z, z, np.zeros((1, 1), dt), np.zeros((1, 1), dt))
+        cpu.recurrent_backward(cell, dh_out, np.ascontiguousarray(w.T), norm, one, mult, xp, hs, cs,
+                               gates, saved, dxp, dxp, np.zeros((B, H), dt), np.zeros((B, H), dt), dw,
+                               db, np.zeros_like(norm))
+        return hs, dxp, dw
+    for cell in (LSTM, LN_LSTM):
+        for got, want in zip(window(cell, np.float32), window(cell, np.float64)):
+            assert np.max(np.abs(got - want)) < 1e-5 * max(1.0, np.max(np.abs(want))), cell
+    print(cpu.BLAS)
+""")
+
+
+@pytest.mark.parametrize("blas", ["openblas", "auto"])
+def test_the_recurrent_kernels_agree_with_float64_whichever_blas_runs_them(blas):
+    # in a fresh process, since the BLAS is bound at import: OpenBLAS (the
+    # few-rows kernel runs the step products) even where MKL is installed,
+    # and MKL's packed products where it is
+    if blas == "auto" and K.BLAS != "mkl":
+        pytest.skip(_NOT_MKL)
+    r = subprocess.run([sys.executable, "-c", _RECURRENT_AGAINST_FLOAT64], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "CHARRNN_BLAS": blas})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["openblas" if blas == "openblas" else "mkl"]

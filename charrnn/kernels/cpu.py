@@ -138,11 +138,45 @@ def _mkl_library():
         return None
 
 
+# MKL's packed GEMM: the recurrent weights packed once per window (into MKL's
+# own layout), then the window's T per-step products read the packed copy.
+# At 16 rows (a two-thread shard of B=32) it ran 1.6-1.9x the few-rows
+# kernel's rate on a 2.0 GHz Xeon (README, "Benchmarks"). Without MKL the
+# symbols are bound to stand-ins: a packed size of 0, so nothing is packed
+# and matmul runs the per-step products.
+_PACK_B, _PACKED = np.int32(162), np.int32(151)  # CblasBMatrix, CblasPacked
+_sgemm_pack_size = types.ExternalFunction("charrnn_sgemm_pack_get_size",
+                                          types.uint64(_i32, _i32, _i32, _i32))
+_sgemm_pack = types.ExternalFunction("charrnn_sgemm_pack", types.void(
+    _i32, _i32, _i32, _i32, _i32, _i32, _f32, _u64, _i32, _u64))
+_sgemm_compute = types.ExternalFunction("charrnn_sgemm_compute", types.void(
+    _i32, _i32, _i32, _i32, _i32, _i32, _u64, _i32, _u64, _i32, _f32, _u64, _i32))
+
+
+@cfunc(types.uint64(_i32, _i32, _i32, _i32), cache=True)
+def _no_pack_size(identifier, M, N, K):
+    return 0
+
+
+@cfunc(types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f32, _u64, _i32, _u64), cache=True)
+def _no_pack(layout, identifier, trans, M, N, K, alpha, src, ld, dest):
+    pass  # never called: nothing is packed without MKL
+
+
+@cfunc(types.void(_i32, _i32, _i32, _i32, _i32, _i32, _u64, _i32, _u64, _i32, _f32, _u64, _i32),
+       cache=True)
+def _no_compute(layout, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc):
+    pass  # never called: nothing is packed without MKL
+
+
 _MKL = _mkl_library()
-if _MKL is not None:
-    llvm.add_symbol("charrnn_sgemm", ctypes.cast(_MKL.cblas_sgemm, ctypes.c_void_p).value)
-else:
-    llvm.add_symbol("charrnn_sgemm", _sgemm_numpy.address)
+_BOUND = {"charrnn_sgemm": ("cblas_sgemm", _sgemm_numpy),
+          "charrnn_sgemm_pack_get_size": ("cblas_sgemm_pack_get_size", _no_pack_size),
+          "charrnn_sgemm_pack": ("cblas_sgemm_pack", _no_pack),
+          "charrnn_sgemm_compute": ("cblas_sgemm_compute", _no_compute)}
+for _symbol, (_mkl_name, _stand_in) in _BOUND.items():
+    llvm.add_symbol(_symbol, ctypes.cast(getattr(_MKL, _mkl_name), ctypes.c_void_p).value
+                    if _MKL is not None else _stand_in.address)
 BLAS = "mkl" if _MKL is not None else "openblas"  # which library the float32 GEMMs use
 
 
@@ -274,6 +308,48 @@ def _matmul_impl(out, a, b, trans_a, trans_b):
         else:
             np.dot(a, b, out)
     return dgemm
+
+
+def packed_weights(w, rows):
+    """``w`` [N,K] packed for the products out = a @ w.T of ``rows`` rows
+    that a window repeats at every step (MKL's packed B operand); an empty
+    array where nothing is packed (no MKL, or float64): then
+    step_product runs matmul."""
+
+
+@overload(packed_weights, jit_options=_INLINED)
+def _packed_weights_impl(w, rows):
+    if w.dtype != types.float32:
+        return lambda w, rows: np.empty(0, w.dtype)
+
+    def pack(w, rows):
+        N, K = w.shape
+        size = _sgemm_pack_size(_PACK_B, np.int32(rows), np.int32(N), np.int32(K))
+        if size == 0:
+            return np.empty(0, np.float32)
+        # MKL's packed layout is tied to its address: a 64-byte aligned
+        # start, the same in every run, so the products are too
+        buf = np.empty(size // 4 + 16, np.float32)
+        start = ((64 - buf.ctypes.data % 64) % 64) // 4
+        packed = buf[start:start + size // 4 + 1]
+        _sgemm_pack(_ROW_MAJOR, _PACK_B, _TRANS, np.int32(rows), np.int32(N), np.int32(K),
+                    np.float32(1.0), w.ctypes.data, np.int32(K), packed.ctypes.data)
+        return packed
+    return pack
+
+
+@njit(inline="always", **_JIT)
+def step_product(out, a, w, packed):
+    """out = a @ w.T, one step's recurrent product: from ``packed``
+    (packed_weights of w, for out's rows) when it holds w, else matmul."""
+    if packed.shape[0] == 0:
+        matmul(out, a, w, False, True)
+        return
+    _check_product(out, a, w, False, True)
+    M, N = out.shape
+    _sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, np.int32(M), np.int32(N), np.int32(a.shape[1]),
+                   a.ctypes.data, np.int32(a.shape[1]), packed.ctypes.data, np.int32(a.shape[1]),
+                   np.float32(0.0), out.ctypes.data, np.int32(N))
 
 
 # ------------------------------------------------------------- array moves
@@ -632,7 +708,8 @@ def _is_multiplicative(xp, w_hh):
 
 
 @njit(**_EXACT)
-def recurrent_step(cell, xp, w_hh, b_hh, norm, update, mult, h_in, c_in, gates, saved, gh, h_out, c_out, j0):
+def recurrent_step(cell, xp, w_hh, b_hh, norm, update, mult, h_in, c_in, gates, saved, gh, h_out, c_out, j0,
+                   packed):
     """One time step of one layer for B streams: one GEMM gh = h_in W_hh^T,
     then one fused pass over the gates, row by row.
 
@@ -650,6 +727,7 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, update, mult, h_in, c_in, gates, 
     Training runs all units (j0 = 0, Hr = H); a sampling rank its share
     (the LN-LSTM and a multiplicative layer read all H units: they cannot
     be split).
+    packed: packed_weights(w_hh, B), or empty (step_product)
     """
     G = GATES[cell]
     B, H, j1 = xp.shape[0], h_in.shape[1], j0 + w_hh.shape[0] // G
@@ -667,9 +745,9 @@ def recurrent_step(cell, xp, w_hh, b_hh, norm, update, mult, h_in, c_in, gates, 
     if multiplicative:
         matmul(mh, h_in, w_mh, False, True)
         multiplicative_forward(m, xp, mh)
-        matmul(gh, m, w_hh, False, True)
+        step_product(gh, m, w_hh, packed)
     else:
-        matmul(gh, h_in, w_hh, False, True)
+        step_product(gh, h_in, w_hh, packed)
     for b in range(B):
         row = update[b if update.shape[0] > 1 else 0]
         u = row if row.shape[0] == 1 else row[j0:j1]  # one share, or the rank's units'
@@ -712,10 +790,11 @@ def recurrent_forward(cell, xp, w_hh, b_hh, norm, update, mult, hs, cs, gates, s
     w_mh, mhs, ms = mult
     if mhs.shape[0] != T or ms.shape[0] != T:
         raise ValueError("recurrent_forward: mhs and ms must have one entry per step")
+    packed = packed_weights(w_hh, xp.shape[1])  # once for the window's T products
     for t in range(T):
         recurrent_step(cell, xp[t], w_hh, b_hh, norm, update[t if update.shape[0] > 1 else 0],
                        (w_mh, mhs[t], ms[t]), hs[t], cs[t], gates[t], saved[t], gh,
-                       hs[t + 1], cs[t + 1], 0)
+                       hs[t + 1], cs[t + 1], 0, packed)
 
 
 @njit(**_EXACT)
@@ -760,6 +839,7 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, update, mult, xp, hs, cs, gat
         raise ValueError("recurrent_backward: a multiplicative layer needs dxp [T, B, G*H + H], "
                          "w_mh_t and dw_mh [H, H], mhs, ms and dmhs [T, B, H] and dm [B, H]")
     relu = cell == RNN_RELU
+    packed_t = packed_weights(w_hh_t, B)  # once for the window's T products
     carry[:] = 0
     dnorm[:] = 0
     dh_rec[:] = 0
@@ -781,12 +861,12 @@ def recurrent_backward(cell, dh_out, w_hh_t, norm, update, mult, xp, hs, cs, gat
                 rnn_cell_backward(dh_out[t, b], dh_rec[b], hs[t + 1, b], relu, dgate)
         # through the recurrent product into step t-1's output
         if multiplicative:
-            matmul(dm, dgh[t], w_hh_t, False, True)
+            step_product(dm, dgh[t], w_hh_t, packed_t)
             multiplicative_backward(dm, xp[t], mhs[t], dxp[t], dmhs[t])
             if t > 0:
                 matmul(dh_rec, dmhs[t], w_mh_t, False, True)
         elif t > 0:
-            matmul(dh_rec, dgh[t], w_hh_t, False, True)
+            step_product(dh_rec, dgh[t], w_hh_t, packed_t)
     # Weight gradients as one GEMM each over the window: dW_hh = dgh^T h_prev
     # (m in a multiplicative layer), dW_mh = dmh^T h_prev.
     dg2 = dgh.reshape(T * B, G)
@@ -1034,7 +1114,7 @@ def model_step(cell, net, dims, state, scratch, sync, ids, p, b):
         else:
             linear_forward(xp, hs[k - 1, q], w_ih.reshape(XPr, H), b_ih)
         recurrent_step(cell, xp, w_hh, b_hh, norm, update, (w_mh, mh, m), hs[k, p], cs[k, p],
-                       gates, saved, gh, hs[k, q], cs[k, q], j0)
+                       gates, saved, gh, hs[k, q], cs[k, q], j0, gh[0, :0])  # nothing packed
         if not barrier(flags, rank, n_ranks, b + k + 1):
             return False
     linear_forward(logits, hs[L - 1, q],
