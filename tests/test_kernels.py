@@ -135,6 +135,45 @@ def test_a_packed_step_product_equals_float64_for_any_rows_columns_and_depth(row
     assert np.max(np.abs(out - want)) <= 1e-5 * max(1.0, np.max(np.abs(want)))
 
 
+@pytest.mark.skipif(K.BLAS != "mkl", reason=_NOT_MKL + ": nothing is packed")
+def test_a_packed_step_product_is_the_same_wherever_its_operands_lie():
+    # the same losses for the same seed, run after run, whatever addresses
+    # the allocator hands out: every 4-byte offset within a cache line
+    rng = np.random.default_rng(0)
+    M, D, N = 16, 352, 1408
+    a0, w0 = rng.standard_normal((M, D)).astype(np.float32), rng.standard_normal((N, D)).astype(np.float32)
+
+    def placed(x, offset):
+        block = np.zeros(x.size + 16, np.float32)
+        y = block[offset:offset + x.size].reshape(x.shape)
+        y[...] = x
+        return y
+    results = []
+    for offset in range(16):
+        out = placed(np.zeros((M, N), np.float32), (3 * offset) % 16)
+        _packed_step_product(out, placed(a0, offset), placed(w0, (7 * offset) % 16))
+        results.append(out)
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+@njit
+def _step_product_with(out, a, w, packed):
+    K.step_product(out, a, w, packed)
+
+
+@pytest.mark.skipif(K.BLAS != "mkl", reason=_NOT_MKL + ": nothing is packed")
+def test_a_step_product_refuses_weights_packed_for_another_shape():
+    a, out = np.ones((4, 8), np.float32), np.zeros((4, 6), np.float32)
+    wrong = _packed(np.ones((200, 40), np.float32), 4)
+    with pytest.raises(ValueError, match="another shape"):
+        _step_product_with(out, a, np.ones((6, 8), np.float32), wrong)
+
+
+@njit
+def _packed(w, rows):
+    return K.packed_weights(w, rows)
+
+
 _RECURRENT_AGAINST_FLOAT64 = textwrap.dedent("""
     import numpy as np
     from charrnn.kernels import cpu

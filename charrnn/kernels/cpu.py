@@ -145,6 +145,7 @@ def _mkl_library():
 # symbols are bound to stand-ins: a packed size of 0, so nothing is packed
 # and matmul runs the per-step products.
 _PACK_B, _PACKED = np.int32(162), np.int32(151)  # CblasBMatrix, CblasPacked
+_PACK_HEAD = 16  # floats ahead of MKL's packed data (64 bytes): the product's rows, N and K
 _sgemm_pack_size = types.ExternalFunction("charrnn_sgemm_pack_get_size",
                                           types.uint64(_i32, _i32, _i32, _i32))
 _sgemm_pack = types.ExternalFunction("charrnn_sgemm_pack", types.void(
@@ -328,12 +329,16 @@ def _packed_weights_impl(w, rows):
         if size == 0:
             return np.empty(0, np.float32)
         # MKL's packed layout is tied to its address: a 64-byte aligned
-        # start, the same in every run, so the products are too
-        buf = np.empty(size // 4 + 16, np.float32)
+        # start, the same in every run (where the operands lie does not
+        # change the products: tested); ahead of it the product's shape,
+        # which the opaque layout does not tell
+        n = _PACK_HEAD + size // 4 + 1
+        buf = np.empty(n + 16, np.float32)
         start = ((64 - buf.ctypes.data % 64) % 64) // 4
-        packed = buf[start:start + size // 4 + 1]
+        packed = buf[start:start + n]
+        packed[0], packed[1], packed[2] = rows, N, K
         _sgemm_pack(_ROW_MAJOR, _PACK_B, _TRANS, np.int32(rows), np.int32(N), np.int32(K),
-                    np.float32(1.0), w.ctypes.data, np.int32(K), packed.ctypes.data)
+                    np.float32(1.0), w.ctypes.data, np.int32(K), packed[_PACK_HEAD:].ctypes.data)
         return packed
     return pack
 
@@ -347,9 +352,11 @@ def step_product(out, a, w, packed):
         return
     _check_product(out, a, w, False, True)
     M, N = out.shape
+    if packed[0] != M or packed[1] != N or packed[2] != a.shape[1]:
+        raise ValueError("step_product: packed holds weights packed for another shape")
     _sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, np.int32(M), np.int32(N), np.int32(a.shape[1]),
-                   a.ctypes.data, np.int32(a.shape[1]), packed.ctypes.data, np.int32(a.shape[1]),
-                   np.float32(0.0), out.ctypes.data, np.int32(N))
+                   a.ctypes.data, np.int32(a.shape[1]), packed[_PACK_HEAD:].ctypes.data,
+                   np.int32(a.shape[1]), np.float32(0.0), out.ctypes.data, np.int32(N))
 
 
 # ------------------------------------------------------------- array moves
