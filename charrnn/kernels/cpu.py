@@ -124,8 +124,10 @@ def _sgemm_numpy(layout, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta,
             np.dot(a, carray(B, (K, N)), c)
 
 
-def _mkl_library():
-    """libmkl_rt from the environment (PyPI's ``mkl``), unless CHARRNN_BLAS=openblas."""
+def _mkl_library(symbols):
+    """libmkl_rt from the environment (PyPI's ``mkl``), if it has every one
+    of ``symbols`` (an MKL older than 2017 lacks the packed GEMM), unless
+    CHARRNN_BLAS=openblas."""
     if os.environ.get("CHARRNN_BLAS", "auto") == "openblas":
         return None
     found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
@@ -133,9 +135,10 @@ def _mkl_library():
     if not path:
         return None
     try:
-        return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return None
+    return library if all(hasattr(library, name) for name in symbols) else None
 
 
 # MKL's packed GEMM: the recurrent weights packed once per window (into MKL's
@@ -170,11 +173,11 @@ def _no_compute(layout, trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc)
     pass  # never called: nothing is packed without MKL
 
 
-_MKL = _mkl_library()
 _BOUND = {"charrnn_sgemm": ("cblas_sgemm", _sgemm_numpy),
           "charrnn_sgemm_pack_get_size": ("cblas_sgemm_pack_get_size", _no_pack_size),
           "charrnn_sgemm_pack": ("cblas_sgemm_pack", _no_pack),
           "charrnn_sgemm_compute": ("cblas_sgemm_compute", _no_compute)}
+_MKL = _mkl_library([name for name, _ in _BOUND.values()] + ["MKL_Set_Num_Threads_Local"])
 for _symbol, (_mkl_name, _stand_in) in _BOUND.items():
     llvm.add_symbol(_symbol, ctypes.cast(getattr(_MKL, _mkl_name), ctypes.c_void_p).value
                     if _MKL is not None else _stand_in.address)
