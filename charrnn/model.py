@@ -117,9 +117,11 @@ class Model:
         below the top, in layer order; ``output_dropout``, one [T, B, H];
         ``weight_drop``, one [G*H, H] per layer; ``embed_dropout``, one
         [V, 1]; ``zoneout``, one [T, B, H] per layer, in layer order. With
-        ``locked_dropout`` the dropout masks are [1, B, H]. A mask is
-        ``random(shape, float32) >= p`` kept, scaled by 1/(1-p) (zoneout's
-        not scaled: 1 takes the new cell value, 0 keeps the old)."""
+        ``locked_dropout`` the dropout masks are [1, B, H]. Each mask takes
+        one key, ``integers(2**64, dtype=uint64)``, and is drawn from it by
+        the kernel ``bernoulli_mask``: kept entries scaled by 1/(1-p)
+        (zoneout's not scaled: 1 takes the new cell value, 0 keeps the
+        old)."""
         return self._rng.bit_generator.state
 
     @rng_state.setter
@@ -331,8 +333,8 @@ class Model:
             name = "encoder.weight" if c["embed"] else "rnn.weight_ih_l0"
             rows = self._dropout_mask((c["vocab_size"], 1), c["embed_dropout"])
             dropped[name] = rows if c["embed"] else rows.T  # W_ih0 is [G*H, V]: columns
-        updates = [(self._rng.random((T, batch, H), dtype=np.float32) >= c["zoneout"])
-                   .astype(self.dtype)[:, streams] for _ in range(L)] if c["zoneout"] else None
+        updates = [self._mask((T, batch, H), c["zoneout"], 1.0)[:, streams]
+                   for _ in range(L)] if c["zoneout"] else None
         for name, mask in dropped.items():
             if name not in self._dropped:
                 shape = self.shapes[name]
@@ -492,8 +494,14 @@ class Model:
         return self.inference_update if noise.updates is None else lay.update
 
     def _dropout_mask(self, shape, p):
-        keep = self._rng.random(shape, dtype=np.float32) >= p
-        return keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
+        return self._mask(shape, p, 1.0 / (1.0 - p))
+
+    def _mask(self, shape, p, value):
+        """A new mask: ``value`` with probability 1 - ``p``, else 0, drawn
+        from a key the generator gives (``rng_state``)."""
+        mask = np.empty(shape, self.dtype)
+        K.bernoulli_mask(mask, self._rng.integers(2**64, dtype=np.uint64), p, value)
+        return mask
 
     def _check_state(self, state, B):
         """``state`` as a tuple of host arrays fit for ``B`` streams (or None)."""

@@ -144,6 +144,15 @@ def finite_difference_grads(f, params, eps=1e-5):
     return grads
 
 
+def splitmix64(seed, n):
+    """The first ``n`` outputs of SplitMix64 seeded with ``seed``, in numpy's
+    wrapping uint64 arithmetic."""
+    z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 def next_noise(m, T, B):
     """What charrnn model ``m``'s next training pass over B streams of T
     steps draws, in the order ``Model.rng_state`` documents: the masks on
@@ -157,8 +166,10 @@ def next_noise(m, T, B):
     L, H, V = c["layers"], c["hidden"], c["vocab_size"]
     steps = 1 if c["locked_dropout"] else T
 
-    def mask(shape, p):
-        return (rng.random(shape, dtype=np.float32) >= p) * (1.0 / (1.0 - p))
+    def mask(shape, p, value=None):
+        key = rng.integers(2**64, dtype=np.uint64)
+        kept = splitmix64(key, int(np.prod(shape))) >> np.uint64(32) >= np.uint64(p * 2**32)
+        return kept.reshape(shape) * (1.0 / (1.0 - p) if value is None else value)
     outputs = [None] * L
     if c["dropout"]:
         for k in range(L - 1):
@@ -173,8 +184,7 @@ def next_noise(m, T, B):
     if c["embed_dropout"]:
         rows = mask((V, 1), c["embed_dropout"])
         weights["encoder.weight" if c["embed"] else "rnn.weight_ih_l0"] = rows if c["embed"] else rows.T
-    updates = [(rng.random((T, B, H), dtype=np.float32) >= c["zoneout"]) * 1.0
-               for _ in range(L)] if c["zoneout"] else None
+    updates = [mask((T, B, H), c["zoneout"], 1.0) for _ in range(L)] if c["zoneout"] else None
     return outputs, weights, updates
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
+import reference as ref
 from charrnn.kernels import cpu as K
 
 
@@ -48,6 +49,44 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
     total = K.softmax_cross_entropy(d, logits, np.array([1], dtype=np.int32), 1.0)
     assert total == 1e4
     assert np.allclose(d, [[1.0, -1.0, 0.0]])
+
+
+def test_the_mask_reference_is_splitmix64():
+    # the generator's published first outputs for seed 0
+    assert [hex(z) for z in ref.splitmix64(0, 3)] == [
+        "0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4", "0x6c45d188009454f"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2 ** 64 - 1), st.floats(0.0, 1.0, exclude_max=True), st.integers(1, 3000),
+       st.sampled_from([np.float32, np.float64]))
+def test_a_mask_keeps_exactly_the_entries_whose_draw_clears_p_for_any_key_rate_and_size(key, p, n,
+                                                                                         dtype):
+    mask = np.full(n, np.nan, dtype)
+    K.bernoulli_mask(mask, np.uint64(key), p, 2.5)
+    kept = ref.splitmix64(key, n) >> np.uint64(32) >= np.uint64(p * 2**32)
+    assert np.array_equal(mask, np.where(kept, 2.5, 0.0).astype(dtype))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 0.9])
+def test_a_mask_keeps_one_minus_p_of_its_entries(p):
+    mask = np.empty((50, 32, 384), np.float32)
+    K.bernoulli_mask(mask, np.uint64(12345), p, 1.0)
+    n = mask.size
+    assert abs(mask.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n) + 1e-12
+
+
+def test_a_mask_is_the_same_in_any_shape():
+    flat, cube = np.empty(6000, np.float32), np.empty((10, 20, 30), np.float32)
+    K.bernoulli_mask(flat, np.uint64(7), 0.3, 1.0)
+    K.bernoulli_mask(cube, np.uint64(7), 0.3, 1.0)
+    assert np.array_equal(flat, cube.reshape(-1))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, np.nan])
+def test_a_mask_refuses_a_rate_outside_zero_to_one(p):
+    with pytest.raises(ValueError, match="p must lie in"):
+        K.bernoulli_mask(np.empty(4, np.float32), np.uint64(0), p, 1.0)
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])

@@ -86,11 +86,7 @@ def test_gradients_match_finite_differences(cell, nl, layers, embed):
 def _next_dropout_masks(m, T, B):
     """The masks the model's next training pass draws (Model.rng_state says
     how): one [T, B, H] per layer below the top."""
-    rng = np.random.default_rng()
-    rng.bit_generator.state = m.rng_state
-    p = m.config["dropout"]
-    return [(rng.random((T, B, m.config["hidden"]), dtype=np.float32) >= p) * (1.0 / (1.0 - p))
-            for _ in range(m.config["layers"] - 1)]
+    return ref.next_noise(m, T, B)[0][:m.config["layers"] - 1]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lstm-ln", "gru", "rnn"])

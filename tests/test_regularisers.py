@@ -84,7 +84,7 @@ def test_gradients_through_the_masks_match_finite_differences(cell, name):
 
 
 def test_some_masks_drop_and_others_keep():
-    m = make_model(**REGULARISERS["all"])
+    m = make_model(seed=2, **REGULARISERS["all"])  # a seed whose 7-row embedding mask drops one
     outputs, weights, _ = ref.next_noise(m, T, B)
     for mask in [o for o in outputs if o is not None] + list(weights.values()):
         assert (mask == 0).any() and (mask > 1).any()

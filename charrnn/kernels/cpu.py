@@ -455,6 +455,33 @@ def apply_dropout(out, x, mask):
         of[k] = xf[k] * mf[k]
 
 
+# The regularisers' masks: counter-based draws. Entry i of a mask is decided
+# by output i of SplitMix64 (Steele, Lea & Flood 2014) seeded with the
+# mask's key, which needs no state from entry to entry: one pass, vectorised,
+# and the same draws wherever a mask is cut (shards, MPI ranks).
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(**_JIT)
+def bernoulli_mask(out, key, p, value):
+    """out[i] = ``value`` with probability 1 - ``p``, else 0 (flat order),
+    independently: kept where the high 32 bits of SplitMix64's output i
+    for seed ``key`` (uint64) are at least floor(p * 2^32)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError("bernoulli_mask: p must lie in [0, 1)")
+    threshold = np.uint64(p * 4294967296.0)
+    kept = out.dtype.type(value)
+    of = out.reshape(-1)
+    for i in range(of.shape[0]):
+        z = key + np.uint64(i + 1) * _GOLDEN_GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        of[i] = kept if (z >> np.uint64(32)) >= threshold else out.dtype.type(0)
+
+
 # ------------------------------------------------------ cell equations (rows)
 # One row = one batch element at one time step. xp: input projection
 # (x W_ih^T + b_ih), gh: recurrent projection (h W_hh^T), both [G*H].
