@@ -351,6 +351,21 @@ class Windows:
         at = (first[:, None] + np.arange(self.seq_len)) % self.positions
         return self.ids[at], self.ids[at + 1]
 
+    def lead_in(self, before):
+        """The T characters before each stream's start, as (x, y) [B, T]
+        with y x shifted by one: read without scoring, they give each
+        stream the state it would have reading the text straight through,
+        so that its first characters are not scored out of context (a cold
+        start costs 0.0034 nats at B=32 on Tiny Shakespeare: README).
+        Stream 0's lead-in is the tail of ``before``, the text that
+        precedes ``ids``; the others' are the end of the stream before."""
+        T = self.seq_len
+        if len(before) < T:
+            raise CharrnnError(f"a lead-in needs {T} characters before the text, not {len(before)}")
+        text = np.concatenate([before[len(before) - T:], self.ids[:self.x.size + 1]])
+        first = np.arange(self.batch)[:, None] * self.x.shape[1] + np.arange(T)
+        return text[first], text[first + 1]
+
     def epoch_offset(self, epoch, seed):
         """Where epoch ``epoch``'s streams start with --epoch-shift: 0 for the
         first, then a place drawn from (seed, epoch) alone, so every rank and

@@ -322,11 +322,17 @@ def _config(options, saved):
     return cfg
 
 
-def validation_loss(model, windows, world=distributed.SINGLE, streams=slice(None), part=None):
-    """Mean loss (nats/char) over all windows, state carried, no updates.
-    Under MPI each rank scores its ``streams`` (``part`` of the batch) and
-    one collective sums the windows' totals."""
+def validation_loss(model, windows, lead_in=None, world=distributed.SINGLE, streams=slice(None),
+                    part=None):
+    """Mean loss (nats/char) over all windows, state carried, no updates;
+    the streams start from the state ``lead_in`` leaves (Windows.lead_in:
+    read, not scored), or from zeros without one. Under MPI each rank
+    scores its ``streams`` (``part`` of the batch) and one collective sums
+    the windows' totals."""
     state, totals = None, np.zeros(len(windows))
+    if lead_in is not None:
+        x, y = lead_in
+        state = model.window(x[streams], y[streams], part=part)[1]
     for k in range(len(windows)):
         x, y = windows[k]
         totals[k], state = model.window(x[streams], y[streams], state, part=part)
@@ -385,6 +391,7 @@ class _Run:
             val_ids = val_ids[:cfg.val_chars]
         self.train_windows = self._windows(train_ids, "training")
         self.val_windows = self._windows(val_ids, "validation")
+        self.val_lead_in = self.val_windows.lead_in(train_ids)  # the training text precedes it
 
         n = len(self.train_windows)
         budget = [cfg.steps] if cfg.steps else []
@@ -578,7 +585,8 @@ class _Run:
         now = time.perf_counter()  # the rate covers training, not evaluation
         rate = (p.step - self.mark[1]) * self.cfg.batch * self.cfg.seq_len / max(now - self.mark[0], 1e-9)
         with self.opt.averaged_weights():
-            val = validation_loss(self.model, self.val_windows, self.world, self.streams, self.part)
+            val = validation_loss(self.model, self.val_windows, self.val_lead_in, self.world,
+                                  self.streams, self.part)
         self.eval_cost = time.perf_counter() - now
         p.last_eval_s = clock
         row = {"step": p.step, "epoch": round(p.step / len(self.train_windows), 4),

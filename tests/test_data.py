@@ -120,6 +120,19 @@ def test_the_first_epoch_is_not_shifted_and_the_others_draw_from_the_seed_and_th
     assert all(0 <= o < w.positions for o in later) and len(set(later)) > 1
 
 
+def test_a_lead_in_is_the_window_of_text_before_each_stream():
+    w = data.Windows(np.arange(100, 123), batch=2, seq_len=3)  # streams start at 100 and 109
+    x, y = w.lead_in(np.arange(90, 100))  # the text before it
+    assert x.tolist() == [[97, 98, 99], [106, 107, 108]]
+    assert np.array_equal(y, x + 1)
+
+
+def test_a_lead_in_needs_a_window_of_text_before():
+    w = data.Windows(np.arange(23), batch=2, seq_len=3)
+    with pytest.raises(CharrnnError, match="needs 3 characters before"):
+        w.lead_in(np.arange(2))
+
+
 def test_windows_say_what_fits_when_the_text_is_too_short():
     with pytest.raises(CharrnnError, match="needs at least 51"):
         data.Windows(np.arange(50), batch=5, seq_len=10)

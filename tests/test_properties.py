@@ -241,6 +241,21 @@ def test_a_shifted_epoch_reads_each_stream_on_and_every_place_at_most_once(n, ba
     assert len(np.unique(x)) == x.size  # no place twice in an epoch
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 400), st.integers(0, 40), st.integers(1, 20), st.integers(1, 20))
+def test_each_streams_lead_in_runs_on_into_its_first_window(n, before, batch, seq_len):
+    text = np.arange(before + n)  # the text before the windows, then theirs
+    try:
+        w = Windows(text[before:], batch, seq_len)
+        x, y = w.lead_in(text[:before])
+    except CharrnnError:
+        assert before < seq_len or n <= batch * seq_len  # refused only when too short
+        return
+    first, _ = w[0]
+    assert np.array_equal(x, first[:, :1] - seq_len + np.arange(seq_len))  # the text just before
+    assert np.array_equal(y, x + 1)  # its last target is the stream's first character
+
+
 @settings(max_examples=100, deadline=None)
 @given(hidden=st.integers(1, 64))
 def test_a_layer_norm_is_refused_below_four_units_and_accepted_from_four(hidden):

@@ -52,14 +52,22 @@ def test_metrics_lines_carry_every_field(corpus, tmp_path):
     assert row["val_bpc"] == pytest.approx(row["val_loss"] / np.log(2))
 
 
-def test_validation_scores_the_first_val_chars_of_the_held_out_tail(corpus, tmp_path):
+def held_out_loss(model, corpus, chars):
+    """The loss of the first ``chars`` of the held-out tail, each stream
+    scored after reading the window of text before it."""
     from charrnn.data import Windows, split
+    head, tail = split(model.vocab.encode(corpus.read_text(encoding="utf-8")), 0.05)
+    windows = Windows(tail[:chars], TINY["batch"], TINY["seq_len"])
+    _, state = model.loss(*windows.lead_in(head))
+    (x, y), = windows
+    return model.loss(x, y, state)[0]
+
+
+def test_validation_scores_the_first_val_chars_of_the_held_out_tail_after_the_text_before_each_stream(corpus, tmp_path):
     one_window = TINY["batch"] * TINY["seq_len"] + 1
     train(corpus, out=tmp_path, steps=5, val_chars=one_window, **TINY)
     model = charrnn.load(tmp_path / "last.ckpt")  # the model as the step-5 evaluation saw it
-    _, tail = split(model.vocab.encode(corpus.read_text(encoding="utf-8")), 0.05)
-    (x, y), = Windows(tail[:one_window], TINY["batch"], TINY["seq_len"])
-    assert losses(tmp_path)[0][2] == pytest.approx(model.loss(x, y)[0], rel=1e-6)
+    assert losses(tmp_path)[0][2] == pytest.approx(held_out_loss(model, corpus, one_window), rel=1e-6)
 
 
 def test_same_seed_gives_the_same_losses(corpus, tmp_path):
@@ -120,16 +128,13 @@ def test_the_best_checkpoint_and_the_returned_model_hold_the_averaged_weights(co
 
 
 def test_validation_scores_the_averaged_weights(corpus, tmp_path):
-    from charrnn.data import Windows, split
     from charrnn.layout import named_views
     one_window = TINY["batch"] * TINY["seq_len"] + 1
     train(corpus, out=tmp_path, steps=5, val_chars=one_window, average=0.9, **TINY)
     model = charrnn.load(tmp_path / "last.ckpt")
     average = checkpoint.load(tmp_path, prefer="last", training=True).optim["average"]
     model.load_state_dict(named_views(model.shapes, average))
-    _, tail = split(model.vocab.encode(corpus.read_text(encoding="utf-8")), 0.05)
-    (x, y), = Windows(tail[:one_window], TINY["batch"], TINY["seq_len"])
-    assert losses(tmp_path)[0][2] == pytest.approx(model.loss(x, y)[0], rel=1e-6)
+    assert losses(tmp_path)[0][2] == pytest.approx(held_out_loss(model, corpus, one_window), rel=1e-6)
 
 
 @pytest.mark.parametrize("spec,steps", [(7, [7, 14, 21]), ("7", [7, 14, 21]), ("0.05e", None)])
