@@ -73,12 +73,29 @@ def test_dropout_rises_with_the_passes_over_the_data_from_none_for_one(a, b):
 
 @settings(max_examples=300, deadline=None)
 @given(corpora, budgets)
-def test_weight_drop_and_output_dropout_join_the_dropout_from_heavy_passes(train_chars, seconds):
+def test_auto_takes_the_regularisers_for_the_passes_its_model_gets(train_chars, seconds):
     c = choose(train_chars, seconds)
     passes = per_param(sizing.parameters(V, "lstm", c.hidden, c.layers)) * seconds / train_chars
-    assert c.dropout == sizing.dropout_for(passes)
-    heavy = c.dropout if passes >= sizing.HEAVY_PASSES else 0.0
-    assert c.weight_drop == c.output_dropout == heavy
+    assert (c.dropout, c.weight_drop, c.output_dropout) == sizing.regularisers_for(passes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0, 1e6))
+def test_weight_and_output_dropout_join_from_heavy_passes_split_below_split_passes(passes):
+    dropout, weight_drop, output_dropout = sizing.regularisers_for(passes)
+    rate = sizing.dropout_for(passes)
+    assert 0 <= weight_drop <= dropout <= sizing.MAX_DROPOUT
+    if passes < sizing.HEAVY_PASSES:
+        assert (dropout, weight_drop, output_dropout) == (rate, 0, 0)
+    elif passes < sizing.SPLIT_PASSES:
+        assert weight_drop < rate < dropout == output_dropout
+    else:
+        assert dropout == weight_drop == rate
+
+
+def test_the_split_passes_its_measured_point():
+    assert sizing.regularisers_for(20) == (0.35, 0.11, 0.35)  # Tiny Shakespeare, 30 minutes
+    assert sizing.regularisers_for(50) == (0.35, 0.35, 0.35)  # a 124 kB corpus, 3 minutes
 
 
 def test_the_dropout_curve_passes_its_anchors():
