@@ -21,7 +21,7 @@ passes and cost at 5, and a 2x320 model without them overfitted at 8).
 Below ``SPLIT_PASSES`` the rate is split: the weight drop takes
 ``SPLIT_WEIGHT_DROP`` of it and the two dropouts ``SPLIT_DROPOUT`` (Tiny
 Shakespeare at 11-20 passes: less weight drop and more dropout did better
-in six runs of seven; a small corpus at 50 passes did worse with it, so
+in seven measurements of nine; a small corpus at 50 passes did worse with it, so
 from there on all three take the rate).
 """
 import dataclasses
