@@ -49,7 +49,8 @@ class TrainConfig:
     zoneout: float = 0.0          # LSTM: each unit's cell keeps its old value with this probability per step
     multiplicative: bool = False  # the recurrent product reads (W_mx x) * (W_mh h) (the mLSTM)
     epoch_shift: bool = False     # each epoch after the first starts the streams at a seeded random place
-    average: float = 0.0          # decay of the weights' moving average (evaluated, saved as best), 0 = off
+    average: float = 0.999        # decay of the weights' moving average (evaluated, saved as best), 0 = off;
+                                  # warmed up, its horizon is ~t/9 updates to 9,000, then 1,000 (README)
     seq_len: int = 50             # T: characters per window (BPTT length)
     batch: int = 32               # B: parallel streams (32 beat 50 and 20 in 10 minutes: README)
     lr: float = 6e-3
@@ -298,9 +299,9 @@ def _config(options, saved):
         cfg = TrainConfig(**options)
     else:
         # runs saved before --val-chars scored all, before --beta2 and --lr-end had 0.999 and
-        # 0.1, before --epoch-shift read every epoch alike, before --layer-norm, --zoneout
+        # 0.1, before --epoch-shift read every epoch alike, before --layer-norm, --zoneout, --average
         kept = {"val_chars": 0, "beta2": 0.999, "lr_end": 0.1, "epoch_shift": False,
-                "layer_norm": False, "zoneout": 0.0, "multiplicative": False,
+                "layer_norm": False, "zoneout": 0.0, "multiplicative": False, "average": 0.0,
                 **saved.meta.get("train", {})}
         for key in TrainConfig.FIXED_ON_RESUME:
             if key in options and options[key] != kept.get(key):

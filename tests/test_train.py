@@ -65,7 +65,7 @@ def held_out_loss(model, corpus, chars):
 
 def test_validation_scores_the_first_val_chars_of_the_held_out_tail_after_the_text_before_each_stream(corpus, tmp_path):
     one_window = TINY["batch"] * TINY["seq_len"] + 1
-    train(corpus, out=tmp_path, steps=5, val_chars=one_window, **TINY)
+    train(corpus, out=tmp_path, steps=5, val_chars=one_window, average=0.0, **TINY)
     model = charrnn.load(tmp_path / "last.ckpt")  # the model as the step-5 evaluation saw it
     assert losses(tmp_path)[0][2] == pytest.approx(held_out_loss(model, corpus, one_window), rel=1e-6)
 
@@ -169,16 +169,16 @@ def test_a_time_budget_decays_the_learning_rate_with_the_clock_to_lr_end(corpus,
     assert rows[-1]["lr"] < 7e-4
 
 
-def test_a_run_saved_before_beta2_lr_end_epoch_shift_layer_norm_zoneout_and_multiplicative_resumes_as_it_ran(
+def test_a_run_saved_before_beta2_lr_end_epoch_shift_layer_norm_zoneout_multiplicative_and_average_resumes_as_it_ran(
         corpus, tmp_path):
     opts = dict(TINY, schedule="step", decay_every=7, beta2=0.999, lr_end=0.1, epoch_shift=False,
-                layer_norm=False, zoneout=0.0, multiplicative=False)
+                layer_norm=False, zoneout=0.0, multiplicative=False, average=0.0)
     train(corpus, out=tmp_path / "whole", steps=20, **opts)
     train(corpus, out=tmp_path / "old", steps=10, **opts)
-    for name in ("last", "best"):  # as an older charrnn wrote them: without the six options
+    for name in ("last", "best"):  # as an older charrnn wrote them: without the seven options
         path = tmp_path / "old" / f"{name}.ckpt"
         old = checkpoint.load(path, training=True)
-        for key in ("beta2", "lr_end", "epoch_shift", "layer_norm", "zoneout", "multiplicative"):
+        for key in ("beta2", "lr_end", "epoch_shift", "layer_norm", "zoneout", "multiplicative", "average"):
             del old.meta["train"][key]
         for key in ("layer_norm", "zoneout", "multiplicative"):
             del old.meta["model"][key]
@@ -188,8 +188,15 @@ def test_a_run_saved_before_beta2_lr_end_epoch_shift_layer_norm_zoneout_and_mult
     kept = checkpoint.load(tmp_path / "old", prefer="last").meta
     assert (kept["train"]["beta2"], kept["train"]["lr_end"], kept["train"]["epoch_shift"],
             kept["train"]["layer_norm"], kept["model"]["layer_norm"], kept["train"]["zoneout"],
-            kept["model"]["zoneout"], kept["train"]["multiplicative"], kept["model"]["multiplicative"]) \
-        == (0.999, 0.1, False, False, False, 0.0, 0.0, False, False)
+            kept["model"]["zoneout"], kept["train"]["multiplicative"], kept["model"]["multiplicative"],
+            kept["train"]["average"]) == (0.999, 0.1, False, False, False, 0.0, 0.0, False, False, 0.0)
+
+
+def test_the_weights_average_is_kept_by_default_and_handed_back(corpus, tmp_path):
+    model = train(corpus, out=tmp_path, steps=20, **TINY)
+    last = checkpoint.load(tmp_path, prefer="last", training=True)
+    assert last.meta["train"]["average"] == 0.999
+    assert np.array_equal(model.params, last.optim["average"])
 
 
 @pytest.mark.parametrize("cell,on", [("lstm", True), ("gru", False), ("rnn", False)])
