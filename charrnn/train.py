@@ -679,7 +679,9 @@ class _Reporter:
         self._print(f"charrnn: {c.cell} {c.layers}x{c.hidden}, {m.num_params:,} parameters, "
                     f"vocabulary {len(m.vocab)}, {run.corpus_chars:,} characters "
                     f"({len(run.train_windows)} windows of {c.batch}x{c.seq_len} per epoch), "
-                    f"writing to {run.out}")
+                    f"writing to {run.out}"
+                    + (f"; validating the weights' moving average (--average {c.average:g})"
+                       if c.average else ""))
 
     def _eta(self, run):
         left = []

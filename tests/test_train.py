@@ -192,6 +192,14 @@ def test_a_run_saved_before_beta2_lr_end_epoch_shift_layer_norm_zoneout_multipli
             kept["train"]["average"]) == (0.999, 0.1, False, False, False, 0.0, 0.0, False, False, 0.0)
 
 
+@pytest.mark.parametrize("average,said", [(0.999, True), (0.0, False)])
+def test_the_first_lines_say_whether_validation_scores_the_weights_average(corpus, tmp_path, capsys,
+                                                                           average, said):
+    train(corpus, out=tmp_path, steps=2, average=average, **dict(TINY, quiet=False))
+    err = capsys.readouterr().err
+    assert ("validating the weights' moving average (--average 0.999)" in err) is said
+
+
 def test_the_weights_average_is_kept_by_default_and_handed_back(corpus, tmp_path):
     model = train(corpus, out=tmp_path, steps=20, **TINY)
     last = checkpoint.load(tmp_path, prefer="last", training=True)
