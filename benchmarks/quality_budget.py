@@ -37,7 +37,7 @@ from charrnn.corpora import builtin_names, builtin_path  # noqa: E402
 # every regulariser, schedule or layer norm that charrnn's defaults switch on.
 CHARRNN_RECIPE = ["--hidden", "128", "--layers", "2", "--no-layer-norm", "--dropout", "0",
                   "--weight-drop", "0", "--output-dropout", "0", "--schedule", "constant", "--lr", "0.002",
-                  "--optimizer", "adam", "--weight-decay", "0",
+                  "--optimizer", "adam", "--weight-decay", "0", "--average", "0",
                   "--beta2", "0.999", "--batch", "50", "--seq-len", "50", "--eval-every", "EVAL"]
 # The flags every charrnn run gets: the validation protocol (0 = score the whole tail).
 CHARRNN_PROTOCOL = ["--val-chars", "0", "--quiet"]
