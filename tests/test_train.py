@@ -214,7 +214,7 @@ def test_layer_norm_is_on_by_default_for_the_lstm_only(corpus, tmp_path, cell, o
     assert checkpoint.load(tmp_path / "run", prefer="last").meta["train"]["layer_norm"] is on
 
 
-@pytest.mark.parametrize("optimizer,decay", [(None, 0.01), ("adamw", 0.01), ("adam", 0.0), ("sgd", 0.0)])
+@pytest.mark.parametrize("optimizer,decay", [(None, 0.05), ("adamw", 0.05), ("adam", 0.0), ("sgd", 0.0)])
 def test_weight_decay_is_adamws_by_default_and_off_for_the_other_optimizers(corpus, tmp_path, optimizer,
                                                                             decay):
     opts = dict(TINY) if optimizer is None else dict(TINY, optimizer=optimizer)
