@@ -89,7 +89,7 @@ class _OrAuto(click.ParamType):
 
 def _train_options(f):
     from .optim import OPTIMIZERS, SCHEDULES
-    from .train import TrainConfig as D  # the defaults live there, once
+    from .train import ADAMW_DECAY, TrainConfig as D  # the defaults live there, once
     opts = [
         click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default=D.cell, show_default=True),
         click.option("--hidden", type=_OrAuto(int), default="auto", show_default=True,
@@ -136,7 +136,7 @@ def _train_options(f):
                      help="For adam and adamw: the decay of the squared gradients' average."),
         click.option("--weight-decay", type=_OrAuto(float), default="auto", show_default=True,
                      help="AdamW: the weights shrink by lr x this each step; the others: L2 added "
-                          "to the gradient. auto: 0.05 with adamw, else 0."),
+                          f"to the gradient. auto: {ADAMW_DECAY:g} with adamw, else 0."),
         click.option("--clip", type=float, default=D.clip, show_default=True, help="Global gradient-norm clip; 0 = off."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True),
         click.option("--warmup", type=int, default=D.warmup, show_default=True, help="Steps of linear warm-up."),
